@@ -1,0 +1,123 @@
+"""The method interface every lethe method implements.
+
+A method owns the model and an Avalanche training template. It serves the experiences of
+the stream (``learn``; ``unlearn`` and ``update`` where it registered those kinds), says how
+to predict when inference is not a plain forward, and saves/restores its state for
+checkpoints. Callbacks named like Avalanche's (``before_training_exp``, ``after_backward``,
+...) defined on a method subclass are called by the template: the method object is itself
+passed as a plugin (Avalanche calls plugins by duck typing), so method files need not import
+Avalanche at module level and ``lethe list`` stays fast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lethe.platform.errors import RunError
+
+
+@dataclass
+class MethodContext:
+    """What the runner hands a method."""
+
+    train: Any                     # TrainConfig node
+    device: Any                    # torch.device
+    stream: Any                    # lethe Stream
+    seed: int = 0
+    plugins: list = field(default_factory=list)  # runner plugins (progress, NaN check, lr log)
+    evaluator: Any = None          # Avalanche EvaluationPlugin forwarding to MLflow
+
+
+def make_optimizer(params, train):
+    import torch
+
+    params = [p for p in params if p.requires_grad]
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum,
+                               weight_decay=train.weight_decay)
+    if train.optimizer == "adam":
+        return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+
+
+class Method:
+    """Base class: plain fine-tuning with Avalanche's SupervisedTemplate."""
+
+    name = "method"
+
+    def __init__(self, cfg, model, ctx: MethodContext):
+        self.cfg = cfg
+        self.ctx = ctx
+        self.model = self.setup(model).to(ctx.device)
+        self.strategy = self.build_strategy()
+        self.learned: list[int] = []   # stream indices of the learn experiences served
+
+    # --- construction -------------------------------------------------------------------
+    def setup(self, model):
+        """Model surgery before training (freezing, adapters). Returns the model to train."""
+        return model
+
+    def plugins(self) -> list:
+        """Avalanche plugins of the method (the method itself is always added)."""
+        return []
+
+    def strategy_class(self):
+        from avalanche.training.templates import SupervisedTemplate
+
+        return SupervisedTemplate
+
+    def strategy_kwargs(self) -> dict:
+        return {}
+
+    def build_strategy(self):
+        import torch
+
+        train = self.ctx.train
+        return self.strategy_class()(
+            model=self.model, optimizer=make_optimizer(self.model.parameters(), train),
+            criterion=torch.nn.CrossEntropyLoss(), train_mb_size=train.batch_size,
+            train_epochs=train.epochs, eval_mb_size=max(train.batch_size, 256),
+            device=self.ctx.device, plugins=[*self.plugins(), self, *self.ctx.plugins],
+            evaluator=self.ctx.evaluator, **self.strategy_kwargs())
+
+    # --- serving experiences ------------------------------------------------------------
+    def learn(self, experience) -> None:
+        self.strategy.train(experience.train, num_workers=self.ctx.train.num_workers)
+        self.learned.append(experience.index)
+
+    def unlearn(self, request) -> None:
+        raise RunError(f"method '{self.name}' cannot serve forget experiences")
+
+    def update(self, experience) -> None:
+        raise RunError(f"method '{self.name}' cannot serve update experiences")
+
+    def predict(self, x, task_ids):
+        """Logits for a batch; override for task-routed heads, ensembles, retrieval."""
+        return self.model(x)
+
+    # --- checkpoints (state_dicts only: loadable with weights_only=True) ----------------
+    def extra_state(self) -> dict:
+        """Method state besides model and optimizer (replay buffer, importances, ...)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        clock = {k: v for k, v in vars(self.strategy.clock).items() if isinstance(v, int)}
+        return {"model": self.model.state_dict(), "optimizer": self.strategy.optimizer.state_dict(),
+                "clock": clock, "learned": list(self.learned), "extra": self.extra_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.strategy.optimizer.load_state_dict(state["optimizer"])
+        for k, v in state["clock"].items():   # EWC & co. read the template's clock
+            setattr(self.strategy.clock, k, v)
+        self.learned = list(state["learned"])
+        self.load_extra_state(state["extra"])
+
+    # --- helpers for subclasses ---------------------------------------------------------
+    def learn_experiences(self) -> list:
+        """The learn experiences served so far, in order."""
+        by_index = {e.index: e for e in self.ctx.stream.experiences}
+        return [by_index[i] for i in self.learned]

@@ -1,0 +1,1 @@
+"""Batched evaluation and metrics as pure tensor functions (know no method)."""

@@ -1,0 +1,2 @@
+"""Model builders. Importing this package registers every built-in model."""
+from lethe.models import vision  # noqa: F401

@@ -1,0 +1,1 @@
+"""Orchestration: config schema, runner, checkpoints, tracking and the CLI."""

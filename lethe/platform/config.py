@@ -1,0 +1,239 @@
+"""Experiment configuration: OmegaConf structured configs validated per component.
+
+A YAML file (or preset name) plus dotlist overrides becomes an :class:`ExperimentConfig`.
+The ``scenario``, ``model`` and ``method`` nodes are validated against the dataclass that
+the chosen ``name`` registered, so a wrong key, type or value fails before any work starts,
+naming the key path and the closest valid key. Nothing in a YAML file can import code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import errors as oc_errors
+
+from lethe import registry
+from lethe.platform.errors import ConfigError
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "conf"
+COMPONENTS = {"scenario": "scenarios", "model": "models", "method": "methods"}
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1               # passes over each learn experience
+    batch_size: int = 32
+    optimizer: str = "sgd"        # sgd | adam | adamw
+    lr: float = 0.01
+    momentum: float = 0.9         # sgd only
+    weight_decay: float = 0.0
+    num_workers: int = 0
+    log_every_iter: bool = False  # train/loss per iteration instead of per epoch
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 0           # 0 = auto-size from available memory
+    initial: bool = True          # evaluate the untrained model too (needed for FWT)
+    amp: bool = False             # autocast on CUDA
+    save_predictions: bool = True  # log predictions.pt
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None     # None = $MLFLOW_TRACKING_URI or MLflow's default (./mlflow.db)
+    experiment: str = "lethe"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    dir: str = "lethe_runs"       # <dir>/<mlflow run id>/state.pt after each experience
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    device: str = "auto"          # auto | cpu | cuda | cuda:N
+    deterministic: bool = False   # torch.use_deterministic_algorithms
+    scenario: Any = MISSING       # validated against the registered scenario schema
+    model: Any = MISSING
+    method: Any = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+CHOICES = {
+    "device": None,
+    "train.optimizer": ("sgd", "adam", "adamw"),
+}
+
+
+def resolve_path(config: str) -> Path:
+    """A config argument is a YAML path or the name of a shipped preset."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    preset = PRESET_DIR / (config if config.endswith((".yaml", ".yml")) else f"{config}.yaml")
+    if preset.is_file():
+        return preset
+    names = presets()
+    raise ConfigError(f"config file not found: '{config}'{registry.suggest(path.stem, names)} "
+                      f"(give a YAML path or a preset: {', '.join(names)})")
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError carries line/column in its message
+        raise ConfigError(f"cannot parse {path}: {' '.join(str(exc).split())}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return cfg
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. method.lr=0.01)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except Exception as exc:
+        raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from None
+
+
+def _node_error(exc: Exception, prefix: str, schema_keys) -> ConfigError:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or ""
+    path = f"{prefix}.{key}" if prefix and key else (prefix or str(key))
+    msg = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+    if isinstance(exc, oc_errors.ConfigKeyError):
+        leaf = str(key).split(".")[-1]
+        return ConfigError(f"unknown key '{path}'{registry.suggest(leaf, schema_keys)} "
+                           f"(valid keys: {', '.join(sorted(schema_keys))})")
+    if isinstance(exc, oc_errors.MissingMandatoryValue):
+        return ConfigError(f"missing value for '{path}': set it in the YAML or as {path}=...")
+    first = msg.splitlines()[0]
+    return ConfigError(f"bad value for '{path}': {first}")
+
+
+def _validate_component(node_name: str, raw: Any) -> DictConfig:
+    kind = COMPONENTS[node_name]
+    if raw is None or (isinstance(raw, str) and raw == "???"):
+        raise ConfigError(f"missing '{node_name}' section: add {node_name}: {{name: ...}} "
+                          f"(see `lethe list {kind}`)")
+    if isinstance(raw, str):  # `method: naive` is shorthand for `method: {name: naive}`
+        raw = {"name": raw}
+    if not isinstance(raw, (dict, DictConfig)) or "name" not in raw:
+        raise ConfigError(f"'{node_name}' needs a 'name' (see `lethe list {kind}`)")
+    raw = OmegaConf.create(OmegaConf.to_container(raw) if isinstance(raw, DictConfig) else raw)
+    name = raw.pop("name")
+    try:
+        entry = registry.get(kind, name)
+    except registry.UnknownName as exc:
+        raise ConfigError(f"{node_name}.name: {exc}") from None
+    schema = OmegaConf.structured(entry.config)
+    keys = [f.name for f in dataclasses.fields(entry.config)]
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        OmegaConf.to_container(merged, throw_on_missing=True)
+    except oc_errors.OmegaConfBaseException as exc:
+        raise _node_error(exc, node_name, keys) from None
+    _check_paths(merged, node_name, entry.config)
+    result = OmegaConf.create({"name": name})
+    result.merge_with(OmegaConf.to_container(merged))
+    return result
+
+
+def _check_paths(node: DictConfig, prefix: str, schema: type) -> None:
+    """Fields whose metadata says ``path=True`` must name existing files or folders."""
+    for f in dataclasses.fields(schema):
+        value = node.get(f.name)
+        if f.metadata.get("path") and value not in (None, ""):
+            if not Path(os.path.expanduser(str(value))).exists():
+                raise ConfigError(f"{prefix}.{f.name}: file or folder not found: '{value}'")
+
+
+def load_config(config: str, overrides: list[str] | None = None) -> DictConfig:
+    """Load, merge and validate an experiment config. Raises ConfigError with one message."""
+    path = resolve_path(config)
+    raw = _load_yaml(path)
+    over = _parse_overrides(list(overrides or []))
+    for node_name in COMPONENTS:  # switching `name` on the command line starts a fresh node
+        new_name = OmegaConf.select(over, f"{node_name}.name")
+        old_name = OmegaConf.select(raw, f"{node_name}.name")
+        if new_name is not None and new_name != old_name and node_name in raw:
+            raw[node_name] = {"name": new_name}
+    try:
+        raw = OmegaConf.merge(raw, over)
+    except oc_errors.OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot apply overrides: {exc}") from None
+    return validate(raw)
+
+
+def validate(raw: DictConfig | dict) -> DictConfig:
+    raw = OmegaConf.create(OmegaConf.to_container(raw) if isinstance(raw, DictConfig) else raw)
+    components = {}
+    for node_name in COMPONENTS:
+        components[node_name] = _validate_component(node_name, raw.get(node_name))
+        raw[node_name] = None
+    top_keys = [f.name for f in dataclasses.fields(ExperimentConfig)]
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), raw)
+    except oc_errors.OmegaConfBaseException as exc:
+        sub = getattr(exc, "full_key", "") or ""
+        section = sub.split(".")[0]
+        schema = {"train": TrainConfig, "eval": EvalConfig, "tracking": TrackingConfig,
+                  "checkpoint": CheckpointConfig}.get(section)
+        keys = [f.name for f in dataclasses.fields(schema)] if schema and "." in sub else top_keys
+        raise _node_error(exc, "", keys) from None
+    for node_name, node in components.items():
+        cfg[node_name] = node
+    _check_choices(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    if cfg.train.optimizer not in CHOICES["train.optimizer"]:
+        raise ConfigError(f"bad value for 'train.optimizer': '{cfg.train.optimizer}'"
+                          f"{registry.suggest(cfg.train.optimizer, CHOICES['train.optimizer'])} "
+                          f"(choose one of {', '.join(CHOICES['train.optimizer'])})")
+    dev = cfg.device
+    if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
+        raise ConfigError(f"bad value for 'device': '{dev}' (use auto, cpu, cuda or cuda:N)")
+    for key in ("train.epochs", "train.batch_size"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"bad value for '{key}': must be ≥ 1")
+    if cfg.train.lr <= 0:
+        raise ConfigError("bad value for 'train.lr': must be > 0")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def flatten(cfg: DictConfig) -> dict[str, str]:
+    """Flattened `a.b.c -> value` pairs, for MLflow params."""
+    out: dict[str, str] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        else:
+            out[prefix] = str(node)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out

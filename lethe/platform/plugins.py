@@ -1,0 +1,49 @@
+"""Runner plugins for Avalanche's training template (duck-typed: no Avalanche import)."""
+from __future__ import annotations
+
+import math
+
+from lethe.platform.errors import RunError
+
+
+class FiniteLossCheck:
+    """Stops training on a NaN/inf loss, naming where it happened."""
+
+    def __init__(self, describe_experience):
+        self.describe = describe_experience
+
+    def before_backward(self, strategy, **kwargs):
+        loss = float(strategy.loss.detach())
+        if not math.isfinite(loss):
+            clock = strategy.clock
+            raise RunError(
+                f"non-finite training loss ({loss}) in {self.describe()}, epoch "
+                f"{clock.train_exp_epochs + 1}, iteration {clock.train_epoch_iterations + 1}: "
+                f"lower train.lr, check the inputs for NaNs, or use gradient clipping")
+
+
+class TrainProgress:
+    """A tqdm bar per epoch and train/lr on the iteration axis."""
+
+    def __init__(self, tracker, describe_experience, epochs: int):
+        self.tracker, self.describe, self.epochs = tracker, describe_experience, epochs
+        self.bar = None
+
+    def before_training_epoch(self, strategy, **kwargs):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=len(strategy.dataloader), leave=False, unit="it", disable=None,
+                        desc=f"{self.describe()} epoch {strategy.clock.train_exp_epochs + 1}/{self.epochs}")
+
+    def after_training_iteration(self, strategy, **kwargs):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{float(strategy.loss):.3f}", refresh=False)
+
+    def after_training_epoch(self, strategy, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.tracker is not None:
+            lr = strategy.optimizer.param_groups[0]["lr"]
+            self.tracker.log_metrics({"train/lr": lr}, step=strategy.clock.train_iterations)

@@ -1,0 +1,246 @@
+"""The experience loop: build → (resume) → serve each experience → evaluate → log → checkpoint."""
+from __future__ import annotations
+
+import logging
+import random
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from lethe import registry
+from lethe.platform import checkpoint as ckpt
+from lethe.platform.config import flatten, to_yaml
+from lethe.platform.errors import ConfigError, LetheError, RunError
+
+log = logging.getLogger("lethe")
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    tracking_uri: str
+    experiment: str
+    status: str
+    final: dict = field(default_factory=dict)
+    checkpoint_dir: Path | None = None
+    summary: str = ""
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA device is available here (use device=cpu or auto)")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def check_compatible(method_entry, stream, cfg) -> None:
+    """Fail at config time when the method cannot serve the stream."""
+    kinds = method_entry.extras.get("kinds", ("learn",))
+    missing = sorted(stream.kinds - set(kinds))
+    if missing:
+        raise ConfigError(f"method '{method_entry.name}' cannot serve {'/'.join(missing)} "
+                          f"experiences of scenario '{cfg.scenario.name}' (it serves: "
+                          f"{', '.join(kinds)}); pick a method that does (see `lethe list methods`)")
+    settings = method_entry.extras.get("settings")
+    if settings and stream.setting not in settings:
+        raise ConfigError(f"method '{method_entry.name}' needs a {' or '.join(settings)} stream but "
+                          f"scenario '{cfg.scenario.name}' is {stream.setting}"
+                          f"{' (set scenario.task_labels=true)' if 'task_incremental' in settings else ''}")
+
+
+def build_components(cfg: DictConfig):
+    """Scenario stream, model and method entry: everything that can fail on user input."""
+    from lethe.models.vision import ModelInfo
+
+    stream = registry.get("scenarios", cfg.scenario.name).obj(cfg.scenario, cfg.seed)
+    method_entry = registry.get("methods", cfg.method.name)
+    check_compatible(method_entry, stream, cfg)
+    info = ModelInfo(input_shape=stream.input_shape, n_classes=stream.n_classes)
+    model = registry.get("models", cfg.model.name).obj(cfg.model, info)
+    return stream, model, method_entry
+
+
+class Runner:
+    """Runs one experiment config into one MLflow run."""
+
+    def __init__(self, cfg: DictConfig, resume: bool = False, resume_run_id: str | None = None):
+        self.cfg = cfg
+        self.config_yaml = to_yaml(cfg)
+        self.cfg_hash = ckpt.config_hash(self.config_yaml)
+        self.resume_folder = None
+        if resume or resume_run_id:
+            self.resume_folder = ckpt.find_resumable(cfg.checkpoint.dir, resume_run_id, self.cfg_hash)
+
+    # --- the whole run ------------------------------------------------------------------
+    def run(self) -> RunResult:
+        from lethe.platform.tracking import Tracker
+
+        cfg = self.cfg
+        seed_everything(cfg.seed, cfg.deterministic)
+        device = pick_device(cfg.device)
+        stream, model, method_entry = build_components(cfg)
+        meta = {}
+        if self.resume_folder is not None:
+            meta = ckpt.Checkpointer(self.resume_folder.parent, self.resume_folder.name).meta()
+        tracker = Tracker(meta.get("tracking_uri") or cfg.tracking.uri,
+                          meta.get("experiment") or cfg.tracking.experiment)
+        if meta:
+            tracker.resume(meta["run_id"])
+        else:
+            tracker.start(cfg.tracking.run_name or cfg.name, flatten(cfg),
+                          {"lethe.config_hash": self.cfg_hash, "lethe.method": cfg.method.name,
+                           "lethe.scenario": cfg.scenario.name, "lethe.model": cfg.model.name})
+            tracker.log_text(self.config_yaml, "config.yaml")
+        self.tracker = tracker
+        self.checkpointer = ckpt.Checkpointer(cfg.checkpoint.dir, tracker.run_id)
+        self.checkpointer.write_config(self.config_yaml)
+        handler = self._file_log()
+        try:
+            result = self._loop(stream, model, method_entry, device, meta)
+            tracker.end("FINISHED")
+            return result
+        except KeyboardInterrupt:
+            log.warning("interrupted; checkpoint kept in %s", self.checkpointer.dir)
+            tracker.end("KILLED")
+            raise
+        except BaseException as exc:
+            log.error("run failed: %s\n%s", exc, traceback.format_exc())
+            tracker.end("FAILED")
+            if isinstance(exc, LetheError):
+                exc.log_path = str(self.checkpointer.log_path)
+            raise
+        finally:
+            logging.getLogger("lethe").removeHandler(handler)
+            handler.close()
+            if self.checkpointer.log_path.exists():
+                try:
+                    tracker.log_file(self.checkpointer.log_path)
+                except Exception:  # a failing store must not hide the original error
+                    pass
+
+    def _file_log(self):
+        handler = logging.FileHandler(self.checkpointer.log_path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        lg = logging.getLogger("lethe")
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+        return handler
+
+    def _loop(self, stream, model, method_entry, device, meta) -> RunResult:
+        from tqdm.auto import tqdm
+
+        from lethe.methods.base import MethodContext
+        from lethe.metrics.evaluator import Evaluator
+        from lethe.metrics.summary import step_metrics
+        from lethe.platform.plugins import FiniteLossCheck, TrainProgress
+        from lethe.platform.tracking import make_avalanche_evaluator
+
+        cfg, tracker = self.cfg, self.tracker
+        n = len(stream.experiences)
+        self.current = "setup"
+        describe = lambda: self.current  # noqa: E731 - read by plugins at call time
+        plugins = [TrainProgress(tracker, describe, cfg.train.epochs), FiniteLossCheck(describe)]
+        ctx = MethodContext(train=cfg.train, device=device, stream=stream, seed=cfg.seed,
+                            plugins=plugins,
+                            evaluator=make_avalanche_evaluator(tracker, cfg.train.log_every_iter))
+        method = method_entry.obj(cfg.method, model, ctx)
+        evaluator = Evaluator(stream.test, device, cfg.eval.batch_size, cfg.eval.amp, stream.n_classes)
+        predict = method.predict
+        start, final = 0, {}
+        if meta:
+            state = self.checkpointer.load()
+            method.load_state_dict(state["method"])
+            evaluator.store.load(state["store_labels"], state["store_preds"])
+            ckpt.set_rng_state(state["rng"])
+            start = int(state["next"])
+            log.info("resumed run %s at experience %d/%d", tracker.run_id, start, n)
+            print(f"resuming run {tracker.run_id} at experience {start}/{n}")
+        elif cfg.eval.initial:
+            evaluator.evaluate(predict, "init", method.model)
+        for exp in tqdm(stream.experiences[start:], desc=cfg.name, unit="exp", initial=start, total=n,
+                       disable=None):
+            self.current = f"experience {exp.index + 1}/{n} ({exp.kind})"
+            t0 = time.perf_counter()
+            getattr(method, {"learn": "learn", "forget": "unlearn", "update": "update"}[exp.kind])(
+                exp if exp.kind != "forget" else exp.request)
+            t1 = time.perf_counter()
+            evaluator.evaluate(predict, f"{exp.kind}:{exp.index}", method.model)
+            n_learned = sum(1 for lab in evaluator.store.labels if lab.startswith("learn:"))
+            final = step_metrics(evaluator.store, n_learned)
+            final["time/train_s"] = t1 - t0
+            final["time/eval_s"] = time.perf_counter() - t1
+            tracker.log_metrics(final, step=exp.index)
+            log.info("%s: %s", self.current, {k: round(v, 4) for k, v in final.items()})
+            if cfg.checkpoint.enabled:
+                self._save(method, evaluator, exp.index + 1, n, finished=False)
+        return self._finish(method, evaluator, final, n)
+
+    def _state(self, method, evaluator, next_index: int) -> dict:
+        return {"method": method.state_dict(), "store_labels": list(evaluator.store.labels),
+                "store_preds": evaluator.store.preds.cpu(), "rng": ckpt.rng_state(),
+                "next": next_index}
+
+    def _save(self, method, evaluator, next_index: int, n: int, finished: bool) -> None:
+        meta = {"run_id": self.tracker.run_id, "tracking_uri": self.tracker.uri,
+                "experiment": self.tracker.experiment, "config_hash": self.cfg_hash,
+                "next_experience": next_index, "n_experiences": n, "finished": finished,
+                "config": self.cfg.name}
+        self.checkpointer.save(self._state(method, evaluator, next_index), meta)
+
+    def _finish(self, method, evaluator, final: dict, n: int) -> RunResult:
+        import tempfile
+
+        import torch
+
+        from lethe.platform import report
+
+        tracker, store = self.tracker, evaluator.store
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            report.write_accuracy_csv(store, tmp / "accuracy_matrix.csv")
+            report.write_accuracy_png(store, tmp / "accuracy_matrix.png",
+                                      f"{self.cfg.name}: {self.cfg.method.name}")
+            report.write_flip_csv(store, tmp / "flip_matrix.csv")
+            files = ["accuracy_matrix.csv", "accuracy_matrix.png", "flip_matrix.csv"]
+            if self.cfg.eval.save_predictions:
+                torch.save(store.to_dict() | {"labels_index": torch.arange(len(store))},
+                           tmp / "predictions.pt")
+                (tmp / "predictions_labels.txt").write_text("\n".join(store.labels))
+                files += ["predictions.pt", "predictions_labels.txt"]
+            for name in files:
+                tracker.log_file(tmp / name)
+        if self.cfg.checkpoint.enabled:
+            self._save(method, evaluator, n, n, finished=True)
+            tracker.log_file(self.checkpointer.state_path, "checkpoints")
+        summary = report.summary_text(store, final)
+        log.info("\n%s", summary)
+        return RunResult(run_id=tracker.run_id, tracking_uri=tracker.uri,
+                         experiment=tracker.experiment, status="FINISHED", final=final,
+                         checkpoint_dir=self.checkpointer.dir, summary=summary)
+
+
+def run_experiment(cfg: DictConfig, resume: bool = False, resume_run_id: str | None = None) -> RunResult:
+    """Library entry point: run a validated config (see :func:`lethe.platform.config.load_config`)."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(cfg)
+    return Runner(cfg, resume=resume, resume_run_id=resume_run_id).run()
+
+
+__all__ = ["RunResult", "Runner", "run_experiment", "RunError"]

@@ -1,0 +1,130 @@
+"""MLflow tracking: one lethe run = one MLflow run (params, metrics per experience, artifacts)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+from lethe import __version__
+
+
+def git_commit() -> str | None:
+    """Commit of the lethe source tree, when it is a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class Tracker:
+    """A thin layer over the MLflow client for one run."""
+
+    def __init__(self, uri: str | None, experiment: str):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+        self.client = MlflowClient(tracking_uri=self.uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.experiment = experiment
+        self.run_id: str | None = None
+
+    # --- run lifecycle ------------------------------------------------------------------
+    def start(self, run_name: str | None, params: dict[str, str], tags: dict[str, str]) -> str:
+        base_tags = {"lethe.version": __version__, "host": socket.gethostname()}
+        commit = git_commit()
+        if commit:
+            base_tags["git.commit"] = commit
+        run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                     tags={**base_tags, **tags})
+        self.run_id = run.info.run_id
+        self.log_params(params)
+        return self.run_id
+
+    def resume(self, run_id: str) -> None:
+        run = self.client.get_run(run_id)  # raises if the run does not exist
+        self.run_id = run.info.run_id
+        self.client.update_run(self.run_id, status="RUNNING")
+        self.client.set_tag(self.run_id, "lethe.resumed", "true")
+
+    def end(self, status: str) -> None:
+        """status: FINISHED | FAILED | KILLED."""
+        if self.run_id:
+            self.client.set_terminated(self.run_id, status=status)
+
+    # --- logging ------------------------------------------------------------------------
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k[:250], str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 500])
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_file(self, path: str | Path, subdir: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), subdir)
+
+    def log_bytes_file(self, name: str, write) -> None:
+        """Write an artifact through ``write(path)`` into a temp dir, then log it."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            write(path)
+            self.log_file(path)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+    def run_url(self) -> str:
+        return f"{self.uri} · experiment '{self.experiment}' · run {self.run_id}"
+
+
+def make_avalanche_logger(tracker: Tracker, per_iteration: bool):
+    """An Avalanche BaseLogger forwarding Avalanche's training metrics into the MLflow run.
+
+    ``Loss_Epoch/...`` (or ``Loss_MB/...`` with per_iteration) becomes ``train/loss`` on the
+    iteration axis; other Avalanche metrics keep their name under ``avalanche/``.
+    """
+    from avalanche.logging import BaseLogger
+
+    class MLflowLogger(BaseLogger):
+        def log_single_metric(self, name, value, x_plot):
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                return  # images, tensors: not scalar metrics
+            head = name.split("/")[0]
+            if head in ("Loss_Epoch", "Loss_MB"):
+                if (head == "Loss_MB") != per_iteration:
+                    return
+                key = "train/loss"
+            else:
+                key = "avalanche/" + name.replace("/", "_")
+            tracker.log_metrics({key: value}, step=int(x_plot))
+
+    return MLflowLogger()
+
+
+def make_avalanche_evaluator(tracker: Tracker, per_iteration: bool):
+    from avalanche.evaluation.metrics import loss_metrics
+    from avalanche.training.plugins import EvaluationPlugin
+
+    return EvaluationPlugin(loss_metrics(epoch=not per_iteration, minibatch=per_iteration),
+                            loggers=[make_avalanche_logger(tracker, per_iteration)])
