@@ -95,6 +95,11 @@ class Method:
         """Logits for a batch; override for task-routed heads, ensembles, retrieval."""
         return self.model(x)
 
+    def log_params(self) -> dict:
+        """Metrics about the method's parameters (e.g. params/trainable), logged by the runner
+        at step 0 and after every experience; empty for methods with nothing to report."""
+        return {}
+
     # --- checkpoints (state_dicts only: loadable with weights_only=True) ----------------
     def extra_state(self) -> dict:
         """Method state besides model and optimizer (replay buffer, importances, ...)."""
@@ -109,7 +114,13 @@ class Method:
                 "clock": clock, "learned": list(self.learned), "extra": self.extra_state()}
 
     def load_state_dict(self, state: dict) -> None:
+        from avalanche.models.dynamic_optimizers import update_optimizer
+
         self.model.load_state_dict(state["model"])
+        # Avalanche resets optimizer state (momentum) on its first make_optimizer call; do
+        # that first call now, the way the original run did, then restore the saved state.
+        self.strategy.optimized_param_id = update_optimizer(
+            self.strategy.optimizer, dict(self.model.named_parameters()), None, reset_state=True)
         self.strategy.optimizer.load_state_dict(state["optimizer"])
         for k, v in state["clock"].items():   # EWC & co. read the template's clock
             setattr(self.strategy.clock, k, v)

@@ -32,7 +32,12 @@ class Replay(Method):
         if self.cfg.mem_size < 1:
             from lethe.platform.errors import ConfigError
             raise ConfigError("method.mem_size must be ≥ 1")
-        self.replay = ReplayPlugin(mem_size=self.cfg.mem_size,
+        class _Replay(ReplayPlugin):
+            def after_training_exp(self, strategy, **kwargs):
+                # Avalanche 0.6's plugin calls the deprecated `update`; same effect, no warning.
+                self.storage_policy.post_adapt(strategy, strategy.experience)
+
+        self.replay = _Replay(mem_size=self.cfg.mem_size,
                                    batch_size=self.ctx.train.batch_size,
                                    batch_size_mem=self.cfg.batch_size_mem or self.ctx.train.batch_size)
         return [self.replay]

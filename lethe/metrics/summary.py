@@ -1,8 +1,6 @@
 """The metric keys logged at each step, derived from the prediction store (DESIGN.md keys)."""
 from __future__ import annotations
 
-import torch
-
 from lethe.metrics import cl, flips
 
 
@@ -15,6 +13,10 @@ def step_metrics(store, n_learned: int) -> dict[str, float]:
     """Metrics after the newest evaluation point of the store.
 
     n_learned: learn experiences served so far (the seen test experiences are 0..n_learned-1).
+    Forgetting and BWT compare the newest point with the points after each learn
+    experience. When the newest point follows a forget/update experience it is the current
+    row after all learn rows, so forgetting/BWT cover every seen experience (the last one
+    learned included: the forget step may have changed it). FWT only depends on learn rows.
     """
     preds = store.preds
     E = store.n_experiences
@@ -26,21 +28,16 @@ def step_metrics(store, n_learned: int) -> dict[str, float]:
     out["acc/avg_all"] = float(cur.mean())
     rows = learn_rows(store.labels)
     if rows and n_learned >= 1:
-        R = R_all[rows]
-        i = len(rows) - 1
-        out["forgetting/avg"] = cl.forgetting(R, min(i, E - 1)) if i < E else _forgetting_late(R, i, E)
-        out["bwt"] = cl.bwt(R, min(i, E - 1)) if i < E else cl.bwt(R[: E], E - 1)
+        last = len(store) - 1
+        hist = rows if rows[-1] == last else rows + [last]
+        R = R_all[hist]
+        i = len(hist) - 1
+        out["forgetting/avg"] = cl.forgetting(R, i)
+        out["bwt"] = cl.bwt(R, i)
         if "init" in store.labels:
             b = R_all[store.labels.index("init")]
-            out["fwt"] = cl.fwt(R, b, min(i, E - 1))
+            out["fwt"] = cl.fwt(R_all[rows], b, len(rows) - 1)
     if len(store) >= 2:
         f = flips.flip_stats(preds[-2], preds[-1], store.targets)
         out.update({"nfr/prev": f["nfr"], "pfr/prev": f["pfr"], "nfi/prev": f["nfi"]})
     return out
-
-
-def _forgetting_late(R: torch.Tensor, i: int, E: int) -> float:
-    """Chaudhry forgetting when more learn steps than test experiences (e.g. a repeated
-    domain): best earlier accuracy minus the current one, over all experiences."""
-    best = R[:i].max(dim=0).values
-    return float((best - R[i]).mean())

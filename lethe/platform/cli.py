@@ -21,9 +21,46 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_ID",
                    help="continue an interrupted run in the same MLflow run "
                         "(default: the newest unfinished run of this config)")
+    sw = sub.add_parser("sweep", help="run a grid × seeds of experiments (local or SLURM)",
+                        description="Expand --grid values × --seeds over CONFIG, validate every member, "
+                                    "and run them as child runs of one MLflow parent run. Sweep options: "
+                                    "executor=local|slurm, sweep.max_parallel=N, slurm.partition=..., "
+                                    "slurm.time=MIN, slurm.cpus=N, slurm.mem=8G, slurm.gpus=N, "
+                                    "slurm.array_parallelism=N, slurm.extra.KEY=VALUE (or a sweep: block "
+                                    "in the YAML).")
+    sw.add_argument("config", nargs="?", help="YAML file or preset name")
+    sw.add_argument("overrides", nargs="*", help="dotlist overrides for every member, and sweep options")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="a swept key and its values (repeat for a product grid)")
+    sw.add_argument("--seeds", type=int, default=None, metavar="N",
+                    help="run every grid point with seeds seed..seed+N-1")
+    sw.add_argument("--status", metavar="PARENT", help="show the members of sweep PARENT (run id)")
+    sw.add_argument("--resume", metavar="PARENT",
+                    help="re-submit the members of sweep PARENT that did not finish (each continues "
+                         "its run from its checkpoint)")
+    sw.add_argument("--no-wait", action="store_true",
+                    help="slurm: return after submitting (a dependent job finalizes the parent run)")
+    cp = sub.add_parser("compare", help="write an HTML page comparing MLflow runs",
+                        description="Query MLflow and write one self-contained HTML page (plotly inlined) "
+                                    "comparing runs: accuracy curves (mean ± std over seeds), accuracy "
+                                    "matrices, forgetting/BWT/NFR bars, unlearning trade-off, a sortable "
+                                    "table.")
+    cp.add_argument("overrides", nargs="*", help="tracking.uri=... (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    cp.add_argument("--experiment", help="compare every run of this MLflow experiment")
+    cp.add_argument("--runs", nargs="+", metavar="RUN_ID",
+                    help="compare these runs (a sweep parent stands for its members)")
+    cp.add_argument("--out", help="output HTML file (default: compare-<experiment>.html)")
+    r.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="run seeds seed..seed+N-1 under one MLflow parent run that gets mean, std "
+                        "and 95%% CI of every final metric")
+    rp = sub.add_parser("reproduce", help="re-run a run from its MLflow record",
+                        description="Re-run RUN_ID from its recorded config, seed and data fingerprints "
+                                    "into a new run, and print the final metrics side by side.")
+    rp.add_argument("run_id", metavar="RUN_ID")
+    rp.add_argument("overrides", nargs="*", help="key=value changes (tracking.uri=... to find the run)")
     ls = sub.add_parser("list", help="list scenarios, models, methods or presets")
     ls.add_argument("what", nargs="?", default="all",
-                    choices=["all", "scenarios", "models", "methods", "presets"])
+                    choices=["all", "scenarios", "models", "methods", "presets", "metrics"])
     return p
 
 
@@ -31,6 +68,11 @@ def cmd_list(what: str) -> int:
     from lethe import registry
     from lethe.platform.config import presets
 
+    if what == "metrics":
+        from lethe.metrics.reference import as_text
+
+        print(as_text())
+        return EXIT_OK
     kinds = registry.KINDS if what == "all" else ((what,) if what != "presets" else ())
     for kind in kinds:
         print(f"{kind}:")
@@ -43,8 +85,28 @@ def cmd_list(what: str) -> int:
     return EXIT_OK
 
 
+def _run_seeds(cfg, n: int) -> int:
+    from lethe.platform.seeds import run_seeds, summary_table
+
+    parent, results, agg = run_seeds(cfg, n)
+    print(summary_table(agg))
+    print(f"\nMLflow parent run {parent} FINISHED with {len(results)} seed runs — experiment "
+          f"'{results[0].experiment}' at {results[0].tracking_uri}")
+    return EXIT_OK
+
+
+def cmd_reproduce(args) -> int:
+    from lethe.platform.reproduce import reproduce
+
+    result, _, table = reproduce(args.run_id, list(args.overrides))
+    print(table)
+    print(f"\nreproduced {args.run_id} as MLflow run {result.run_id} (tag lethe.reproduces)")
+    return EXIT_OK
+
+
 def cmd_run(args) -> int:
     from lethe.platform.config import load_config
+    from lethe.platform.errors import ConfigError
 
     overrides = list(args.overrides)
     resume = args.resume
@@ -52,6 +114,10 @@ def cmd_run(args) -> int:
         overrides.insert(0, resume)
         resume = "latest"
     cfg = load_config(args.config, overrides)
+    if args.seeds is not None:
+        if resume is not None:
+            raise ConfigError("--seeds and --resume cannot be combined (resume each seed's run by its id)")
+        return _run_seeds(cfg, args.seeds)
     from lethe.platform.runner import run_experiment
 
     result = run_experiment(cfg, resume=resume is not None,
@@ -60,6 +126,52 @@ def cmd_run(args) -> int:
     print(f"\nMLflow run {result.run_id} FINISHED — experiment '{result.experiment}' at {result.tracking_uri}")
     print(f"open it with: mlflow ui --backend-store-uri {result.tracking_uri}")
     print(f"checkpoint and log: {result.checkpoint_dir}")
+    return EXIT_OK
+
+
+def cmd_sweep(args) -> int:
+    from lethe.platform import sweep
+    from lethe.platform.errors import ConfigError
+
+    overrides = list(args.overrides)
+    if (args.status or args.resume) and args.config:
+        overrides.insert(0, args.config)  # `--status P key=value`: no CONFIG
+    if args.status:
+        state, rows = sweep.member_status(sweep.find_sweep(args.status, overrides))
+        print(sweep.format_status(state, rows))
+        failed = [r for r in rows if r.state in ("FAILED", "KILLED", "LOST")]
+        return EXIT_RUN if failed else EXIT_OK
+    if args.resume:
+        state = sweep.resume(args.resume, overrides, wait=False if args.no_wait else None)
+        return sweep.sweep_exit_code(state)
+    if not args.config:
+        raise ConfigError("lethe sweep needs CONFIG (a YAML path or preset), or --status/--resume PARENT")
+    plan = sweep.plan(args.config, overrides, args.grid, args.seeds)
+    state = sweep.launch(plan, wait=False if args.no_wait else None)
+    code = sweep.sweep_exit_code(state)
+    if code:
+        bad = [i for i, s in state["result"].items() if s != "FINISHED"]
+        print(f"lethe: sweep {state['parent_run_id']}: members {', '.join(map(str, bad))} did not "
+              f"finish (their logs are listed above)", file=sys.stderr)
+    return code
+
+
+def cmd_compare(args) -> int:
+    from lethe.dashboards.compare import page_summary, write_compare
+    from lethe.platform.errors import ConfigError
+
+    uri, experiment = None, args.experiment
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if key == "tracking.uri" and sep:
+            uri = value
+        elif key == "tracking.experiment" and sep:
+            experiment = experiment or value
+        else:
+            raise ConfigError(f"lethe compare: unknown argument '{item}' (accepted: tracking.uri=URI, "
+                              f"tracking.experiment=NAME)")
+    page = write_compare(uri, experiment=experiment, run_ids=args.runs, out=args.out)
+    print(page_summary(page))
     return EXIT_OK
 
 
@@ -75,7 +187,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import warnings
 
-    args = _parser().parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value after an option (`sweep C --grid k=1,2 a=b`): argparse leaves them over
+        if args.command not in ("sweep", "compare") or any(x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     # Avalanche 0.6 warns about its own deprecations on every run; they are not the user's.
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="avalanche")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"avalanche\..*")
@@ -85,7 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             return cmd_list(args.what)
+        if args.command == "reproduce":
+            return cmd_reproduce(args)
+        if args.command == "sweep":
+            return cmd_sweep(args)
+        if args.command == "compare":
+            return cmd_compare(args)
         return cmd_run(args)
+    except BrokenPipeError:  # `lethe list | head`
+        return EXIT_OK
     except KeyboardInterrupt:
         print("\nlethe: interrupted; the MLflow run is marked KILLED and the last checkpoint is kept "
               "(continue with --resume)", file=sys.stderr)

@@ -18,6 +18,7 @@ from omegaconf import errors as oc_errors
 
 from lethe import registry
 from lethe.platform.errors import ConfigError
+from lethe.platform.schedules import LRScheduleConfig, check_config as check_lr_schedule
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "conf"
 COMPONENTS = {"scenario": "scenarios", "model": "models", "method": "methods"}
@@ -33,6 +34,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     num_workers: int = 0
     log_every_iter: bool = False  # train/loss per iteration instead of per epoch
+    # lr per step (rewarm_cosine | infinite; see lethe/platform/schedules.py); none = constant lr
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
 
 
 @dataclass
@@ -41,6 +44,9 @@ class EvalConfig:
     initial: bool = True          # evaluate the untrained model too (needed for FWT)
     amp: bool = False             # autocast on CUDA
     save_predictions: bool = True  # log predictions.pt
+    every_epochs: int = 0         # >0: validate every N epochs within an experience
+    every_steps: int = 0          # >0: validate every N training iterations
+    val_fraction: float = 0.1     # validation split carved from each experience's training data
 
 
 @dataclass
@@ -54,6 +60,8 @@ class TrackingConfig:
 class CheckpointConfig:
     enabled: bool = True
     dir: str = "lethe_runs"       # <dir>/<mlflow run id>/state.pt after each experience
+    select: str = "last"          # model kept for each experience: last | best (needs eval.every_*)
+    select_metric: str = "val/acc"  # val/acc (higher is better) | val/loss (lower is better)
 
 
 @dataclass
@@ -196,6 +204,8 @@ def validate(raw: DictConfig | dict) -> DictConfig:
         section = sub.split(".")[0]
         schema = {"train": TrainConfig, "eval": EvalConfig, "tracking": TrackingConfig,
                   "checkpoint": CheckpointConfig}.get(section)
+        if sub.startswith("train.lr_schedule."):
+            schema = LRScheduleConfig
         keys = [f.name for f in dataclasses.fields(schema)] if schema and "." in sub else top_keys
         raise _node_error(exc, "", keys) from None
     for node_name, node in components.items():
@@ -218,6 +228,26 @@ def _check_choices(cfg: DictConfig) -> None:
             raise ConfigError(f"bad value for '{key}': must be ≥ 1")
     if cfg.train.lr <= 0:
         raise ConfigError("bad value for 'train.lr': must be > 0")
+    check_lr_schedule(cfg.train.lr_schedule)
+    _check_validation(cfg)
+
+
+def _check_validation(cfg: DictConfig) -> None:
+    ev, ck = cfg.eval, cfg.checkpoint
+    if ck.select not in ("last", "best"):
+        raise ConfigError(f"bad value for 'checkpoint.select': '{ck.select}' (choose last or best)")
+    if ck.select_metric not in ("val/acc", "val/loss"):
+        raise ConfigError(f"bad value for 'checkpoint.select_metric': '{ck.select_metric}'"
+                          f"{registry.suggest(ck.select_metric, ('val/acc', 'val/loss'))} "
+                          f"(choose val/acc or val/loss)")
+    if ev.every_epochs < 0 or ev.every_steps < 0:
+        raise ConfigError("eval.every_epochs and eval.every_steps must be ≥ 0")
+    validating = ev.every_epochs > 0 or ev.every_steps > 0
+    if ck.select == "best" and not validating:
+        raise ConfigError("checkpoint.select=best needs validation during training: set "
+                          "eval.every_epochs=N or eval.every_steps=N")
+    if validating and not 0 < ev.val_fraction < 1:
+        raise ConfigError(f"bad value for 'eval.val_fraction': {ev.val_fraction} (must be in (0, 1))")
 
 
 def to_yaml(cfg: DictConfig) -> str:

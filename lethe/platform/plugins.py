@@ -23,10 +23,14 @@ class FiniteLossCheck:
 
 
 class TrainProgress:
-    """A tqdm bar per epoch and train/lr on the iteration axis."""
+    """A tqdm bar per epoch and train/lr on the iteration axis.
 
-    def __init__(self, tracker, describe_experience, epochs: int):
+    log_lr: False when an lr schedule logs train/lr per step itself (LRSchedulePlugin).
+    """
+
+    def __init__(self, tracker, describe_experience, epochs: int, log_lr: bool = True):
         self.tracker, self.describe, self.epochs = tracker, describe_experience, epochs
+        self.log_lr = log_lr
         self.bar = None
 
     def before_training_epoch(self, strategy, **kwargs):
@@ -38,12 +42,12 @@ class TrainProgress:
     def after_training_iteration(self, strategy, **kwargs):
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{float(strategy.loss):.3f}", refresh=False)
+            self.bar.set_postfix(loss=f"{strategy.loss.item():.3f}", refresh=False)
 
     def after_training_epoch(self, strategy, **kwargs):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        if self.tracker is not None:
+        if self.tracker is not None and self.log_lr:
             lr = strategy.optimizer.param_groups[0]["lr"]
             self.tracker.log_metrics({"train/lr": lr}, step=strategy.clock.train_iterations)

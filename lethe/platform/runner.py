@@ -70,18 +70,42 @@ def build_components(cfg: DictConfig):
     from lethe.models.vision import ModelInfo
 
     stream = registry.get("scenarios", cfg.scenario.name).obj(cfg.scenario, cfg.seed)
+    if cfg.scenario.get("forget_requests"):   # deletion requests, validated here (ConfigError)
+        from lethe.scenarios.forget import add_forget_requests
+
+        add_forget_requests(stream, cfg.scenario.forget_requests, cfg.seed)
     method_entry = registry.get("methods", cfg.method.name)
     check_compatible(method_entry, stream, cfg)
+    check_stream = getattr(method_entry.obj, "check_stream", None)
+    if check_stream is not None:   # method-specific limits (e.g. a request empties a SISA shard)
+        check_stream(cfg.method, stream, cfg.seed)
     info = ModelInfo(input_shape=stream.input_shape, n_classes=stream.n_classes)
     model = registry.get("models", cfg.model.name).obj(cfg.model, info)
     return stream, model, method_entry
 
 
+def check_fingerprints(stream, expected: dict[str, str]) -> None:
+    """Refuse to run when the data differs from what a recorded run saw."""
+    from lethe.platform.environment import data_fingerprints
+
+    now = data_fingerprints(stream)
+    changed = sorted(k for k in set(expected) | set(now) if expected.get(k) != now.get(k))
+    if changed:
+        raise ConfigError(f"the data no longer matches the recorded run: fingerprint of "
+                          f"{', '.join(changed)} differs (recorded "
+                          f"{', '.join(str(expected.get(k)) for k in changed)}, now "
+                          f"{', '.join(str(now.get(k)) for k in changed)}); restore the original "
+                          f"data or run the config as a new experiment with `lethe run`")
+
+
 class Runner:
     """Runs one experiment config into one MLflow run."""
 
-    def __init__(self, cfg: DictConfig, resume: bool = False, resume_run_id: str | None = None):
+    def __init__(self, cfg: DictConfig, resume: bool = False, resume_run_id: str | None = None,
+                 tags: dict[str, str] | None = None, expect_fingerprints: dict | None = None):
         self.cfg = cfg
+        self.tags = dict(tags or {})  # extra MLflow tags of a new run (sweeps: parent run link)
+        self.expect_fingerprints = expect_fingerprints  # `lethe reproduce`: the recorded data
         self.config_yaml = to_yaml(cfg)
         self.cfg_hash = ckpt.config_hash(self.config_yaml)
         self.resume_folder = None
@@ -96,6 +120,8 @@ class Runner:
         seed_everything(cfg.seed, cfg.deterministic)
         device = pick_device(cfg.device)
         stream, model, method_entry = build_components(cfg)
+        if self.expect_fingerprints is not None:
+            check_fingerprints(stream, self.expect_fingerprints)
         meta = {}
         if self.resume_folder is not None:
             meta = ckpt.Checkpointer(self.resume_folder.parent, self.resume_folder.name).meta()
@@ -106,8 +132,10 @@ class Runner:
         else:
             tracker.start(cfg.tracking.run_name or cfg.name, flatten(cfg),
                           {"lethe.config_hash": self.cfg_hash, "lethe.method": cfg.method.name,
-                           "lethe.scenario": cfg.scenario.name, "lethe.model": cfg.model.name})
+                           "lethe.scenario": cfg.scenario.name, "lethe.model": cfg.model.name,
+                           **self.tags})
             tracker.log_text(self.config_yaml, "config.yaml")
+            self._log_environment(tracker, stream)
         self.tracker = tracker
         self.checkpointer = ckpt.Checkpointer(cfg.checkpoint.dir, tracker.run_id)
         self.checkpointer.write_config(self.config_yaml)
@@ -116,7 +144,7 @@ class Runner:
             result = self._loop(stream, model, method_entry, device, meta)
             tracker.end("FINISHED")
             return result
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):  # SystemExit: a scheduler preempted the job
             log.warning("interrupted; checkpoint kept in %s", self.checkpointer.dir)
             tracker.end("KILLED")
             raise
@@ -135,6 +163,21 @@ class Runner:
                 except Exception:  # a failing store must not hide the original error
                     pass
 
+    @staticmethod
+    def _log_environment(tracker, stream) -> None:
+        """Versions, hardware, git state and data fingerprints, for `lethe reproduce`."""
+        import json
+
+        from lethe.platform import environment
+
+        record = environment.capture(stream)
+        tracker.set_tags(environment.tags_of(record))
+        tracker.log_text(json.dumps(record, indent=1), "environment.json")
+        tracker.log_text(environment.pip_freeze(), "pip_freeze.txt")
+        diff = environment.git_state().get("diff")
+        if diff:
+            tracker.log_text(diff, "git_diff.patch")
+
     def _file_log(self):
         handler = logging.FileHandler(self.checkpointer.log_path)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -150,13 +193,24 @@ class Runner:
         from lethe.metrics.evaluator import Evaluator
         from lethe.metrics.summary import step_metrics
         from lethe.platform.plugins import FiniteLossCheck, TrainProgress
+        from lethe.platform.schedules import LRSchedulePlugin
         from lethe.platform.tracking import make_avalanche_evaluator
 
         cfg, tracker = self.cfg, self.tracker
         n = len(stream.experiences)
         self.current = "setup"
         describe = lambda: self.current  # noqa: E731 - read by plugins at call time
-        plugins = [TrainProgress(tracker, describe, cfg.train.epochs), FiniteLossCheck(describe)]
+        scheduled = cfg.train.lr_schedule.name != "none"
+        plugins = [TrainProgress(tracker, describe, cfg.train.epochs, log_lr=not scheduled),
+                   FiniteLossCheck(describe)]
+        if scheduled:   # sets the lr before every iteration and logs train/lr per step
+            plugins.append(LRSchedulePlugin(cfg.train.lr_schedule, cfg.train.lr, tracker))
+        validation = None
+        if cfg.eval.every_epochs or cfg.eval.every_steps:   # val split + best-model selection
+            from lethe.platform.validation import ValidationPlugin
+
+            validation = ValidationPlugin(cfg, lambda x, t: method.predict(x, t), tracker, cfg.seed)
+            plugins.append(validation)
         ctx = MethodContext(train=cfg.train, device=device, stream=stream, seed=cfg.seed,
                             plugins=plugins,
                             evaluator=make_avalanche_evaluator(tracker, cfg.train.log_every_iter))
@@ -186,11 +240,49 @@ class Runner:
             final = step_metrics(evaluator.store, n_learned)
             final["time/train_s"] = t1 - t0
             final["time/eval_s"] = time.perf_counter() - t1
+            final.update(method.log_params())   # e.g. params/trainable (CLR), from step 0 on
+            if exp.kind == "update":   # flips vs every earlier version + accuracy gain
+                from lethe.metrics.compat import update_metrics
+
+                final.update(update_metrics(evaluator.store))
+            if exp.kind == "forget":   # unlearning quality and cost (metrics/unlearning.py)
+                from lethe.metrics.unlearning import forget_step_metrics
+
+                final.update(forget_step_metrics(
+                    predict, stream, exp.index, device, getattr(method, "unlearn_stats", dict)(),
+                    serve_s=t1 - t0, model=method.model, seed=cfg.seed))
+            if validation is not None and exp.kind == "learn":
+                final.update(validation.selection)   # which epoch's model was kept
             tracker.log_metrics(final, step=exp.index)
             log.info("%s: %s", self.current, {k: round(v, 4) for k, v in final.items()})
             if cfg.checkpoint.enabled:
                 self._save(method, evaluator, exp.index + 1, n, finished=False)
         return self._finish(method, evaluator, final, n)
+
+    def _lr_schedule_png(self, folder: Path) -> list[str]:
+        """Plot train/lr as logged (the MLflow history spans resumed segments too)."""
+        from lethe.platform.schedules import write_schedule_png
+
+        history = sorted((m.step, m.value) for m in
+                         self.tracker.client.get_metric_history(self.tracker.run_id, "train/lr"))
+        if not history:
+            return []
+        write_schedule_png([h[0] for h in history], [h[1] for h in history],
+                           folder / "lr_schedule.png",
+                           f"{self.cfg.name}: {self.cfg.train.lr_schedule.name} lr schedule")
+        return ["lr_schedule.png"]
+
+    def _unlearning_csv(self, folder: Path) -> list[str]:
+        """unlearn/* metrics, one row per forget step (from MLflow: spans resumed segments)."""
+        from lethe.metrics.unlearning import write_csv
+
+        client, run_id = self.tracker.client, self.tracker.run_id
+        keys = [k for k in client.get_run(run_id).data.metrics if k.startswith("unlearn/")]
+        if not keys:
+            return []
+        write_csv({k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)]
+                   for k in keys}, folder / "unlearning.csv")
+        return ["unlearning.csv"]
 
     def _state(self, method, evaluator, next_index: int) -> dict:
         return {"method": method.state_dict(), "store_labels": list(evaluator.store.labels),
@@ -219,6 +311,13 @@ class Runner:
                                       f"{self.cfg.name}: {self.cfg.method.name}")
             report.write_flip_csv(store, tmp / "flip_matrix.csv")
             files = ["accuracy_matrix.csv", "accuracy_matrix.png", "flip_matrix.csv"]
+            if self.cfg.train.lr_schedule.name != "none":
+                files += self._lr_schedule_png(tmp)
+            files += self._unlearning_csv(tmp)
+            if any(lab.startswith("update:") for lab in store.labels):
+                from lethe.metrics.compat import write_update_reports
+
+                files += write_update_reports(store, tmp, f"{self.cfg.name}: {self.cfg.method.name}")
             if self.cfg.eval.save_predictions:
                 torch.save(store.to_dict() | {"labels_index": torch.arange(len(store))},
                            tmp / "predictions.pt")
@@ -236,11 +335,14 @@ class Runner:
                          checkpoint_dir=self.checkpointer.dir, summary=summary)
 
 
-def run_experiment(cfg: DictConfig, resume: bool = False, resume_run_id: str | None = None) -> RunResult:
+def run_experiment(cfg: DictConfig, resume: bool = False, resume_run_id: str | None = None,
+                   tags: dict[str, str] | None = None,
+                   expect_fingerprints: dict | None = None) -> RunResult:
     """Library entry point: run a validated config (see :func:`lethe.platform.config.load_config`)."""
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(cfg)
-    return Runner(cfg, resume=resume, resume_run_id=resume_run_id).run()
+    return Runner(cfg, resume=resume, resume_run_id=resume_run_id, tags=tags,
+                  expect_fingerprints=expect_fingerprints).run()
 
 
 __all__ = ["RunResult", "Runner", "run_experiment", "RunError"]

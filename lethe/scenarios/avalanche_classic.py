@@ -13,6 +13,7 @@ class AvalancheConfig:
     dataset_root: Optional[str] = None  # where the data lives (or is downloaded to)
     kwargs: Any = field(default_factory=dict)  # passed to the benchmark, e.g. {n_experiences: 5}
     task_incremental: bool = False  # set when the benchmark returns task ids (return_task_id)
+    forget_requests: list = field(default_factory=list)  # deletion requests (scenarios/forget.py)
 
 
 def _classic_names() -> list[str]:

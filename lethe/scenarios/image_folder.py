@@ -18,6 +18,7 @@ class ImageFolderConfig:
     test_fraction: float = 0.2
     image_size: int = 32          # images are resized to image_size x image_size
     grayscale: bool = False
+    forget_requests: list = field(default_factory=list)  # deletion requests (scenarios/forget.py)
 
 
 def _load_folder(root: str, size: int, grayscale: bool):

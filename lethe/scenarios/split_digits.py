@@ -1,7 +1,7 @@
 """Split digits: sklearn's 1,797 real 8x8 handwritten digits, class-incremental."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lethe.registry import register_scenario
 
@@ -13,6 +13,7 @@ class SplitDigitsConfig:
     shuffle_classes: bool = True  # seeded class order; False keeps 0..9
     class_seed: int = 0           # seed of the class order and of the train/test split
     test_fraction: float = 0.25
+    forget_requests: list = field(default_factory=list)  # deletion requests (scenarios/forget.py)
 
 
 @register_scenario("split_digits", config=SplitDigitsConfig,

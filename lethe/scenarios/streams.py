@@ -48,13 +48,24 @@ def class_incremental_stream(train, test, groups: list[list[int]], *, task_label
     from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
     from avalanche.benchmarks.scenarios.task_aware import with_task_labels
 
-    train_sets, test_parts = [], []
+    train_rows, test_parts = [], []
     for e, classes in enumerate(groups):
         task = e if task_labels else 0
-        mask = torch.isin(train[1], torch.tensor(classes))
-        train_sets.append(avalanche_dataset(train[0][mask], train[1][mask], train[2][mask], task))
+        train_rows.append(torch.isin(train[1], torch.tensor(classes)).nonzero().flatten())
         tmask = torch.isin(test[1], torch.tensor(classes))
         test_parts.append((test[0][tmask], test[1][tmask], test[2][tmask], e, task))
+    # The training pool (one copy, ordered by experience); each experience's dataset is a
+    # view into it, so deletion requests and unlearning metrics cost no second copy.
+    rows = torch.cat(train_rows)
+    sizes = [len(r) for r in train_rows]
+    pool = TestSet(
+        x=train[0][rows], y=train[1][rows].long(), ids=train[2][rows].long(),
+        exp=torch.cat([torch.full((n,), e, dtype=torch.long) for e, n in enumerate(sizes)]),
+        task=torch.cat([torch.full((n,), e if task_labels else 0, dtype=torch.long)
+                        for e, n in enumerate(sizes)]))
+    bounds = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    train_sets = [avalanche_dataset(pool.x[a:b], pool.y[a:b], pool.ids[a:b], e if task_labels else 0)
+                  for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
     test_sets = [avalanche_dataset(x, y, i, t) for x, y, i, _, t in test_parts]
     bm = with_classes_timeline(with_task_labels(benchmark_from_datasets(train=train_sets,
                                                                         test=test_sets)))
@@ -67,7 +78,7 @@ def class_incremental_stream(train, test, groups: list[list[int]], *, task_label
     return Stream(experiences=experiences, benchmark=bm, test=tensors, input_shape=tuple(input_shape),
                   n_classes=n_classes,
                   setting="task_incremental" if task_labels else "class_incremental",
-                  class_order=[c for g in groups for c in g])
+                  class_order=[c for g in groups for c in g], train=pool)
 
 
 def stratified_split(y: np.ndarray, test_fraction: float, seed: int):

@@ -52,6 +52,9 @@ class Stream:
     n_classes: int
     setting: str             # "class_incremental" | "task_incremental" | "domain_incremental"
     class_order: list = field(default_factory=list)
+    # training samples of the learn experiences as tensors (exp = learn position): the
+    # forget/retain pools of deletion requests; None = built on demand (scenarios/forget.py)
+    train: TestSet | None = None
 
     @property
     def kinds(self) -> set[str]:

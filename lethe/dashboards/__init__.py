@@ -1,0 +1,1 @@
+"""Comparison dashboards: MLflow runs → self-contained HTML pages (`lethe compare`)."""

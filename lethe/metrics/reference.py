@@ -1,0 +1,113 @@
+"""The one metrics reference: every key lethe logs, its formula, variant and source.
+
+`lethe list metrics` prints it and `docs/metrics.md` is generated from it
+(`python -m lethe.metrics.reference > docs/metrics.md`); a test checks that the file is
+up to date and that every key logged by the test suite's runs matches an entry here.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MetricDoc:
+    key: str          # <j>/<k>/<i> stand for integers, <name> for a word
+    formula: str
+    variant: str      # which variant of a metric with this name it is
+    source: str       # paper (or tool) that defines it
+    differs: str = ""  # how it differs from what other tools report under the same name
+
+
+R = "R[i, j] = accuracy on test experience j after the i-th learn experience"
+
+METRICS: tuple[MetricDoc, ...] = (
+    MetricDoc("acc/exp_<j>", "R[i, j] at step i", "last-model accuracy per experience",
+              "standard", "Avalanche: Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp00j (same value)"),
+    MetricDoc("acc/avg_seen", "mean_{j ≤ i} R[i, j]", "average accuracy over seen experiences",
+              "Chaudhry et al., ECCV 2018 (A_k)",
+              "not the 'average incremental accuracy' (mean over steps of acc/avg_seen) some papers report"),
+    MetricDoc("acc/avg_all", "mean_j R[i, j] over all experiences, seen or not", "all-experience accuracy",
+              "standard", "Avalanche's Top1_Acc_Stream weights by samples; this weights experiences equally"),
+    MetricDoc("forgetting/avg", "mean_{j < i} (max_{l < i} R[l, j] − R[i, j])", "Chaudhry (max-based)",
+              "Chaudhry et al., Riemannian Walk, ECCV 2018",
+              "Avalanche's 'Forgetting' is first-value based, R[j, j] − R[i, j] (= −BWT per experience)"),
+    MetricDoc("bwt", "mean_{j < i} (R[i, j] − R[j, j])", "backward transfer (negative = forgetting)",
+              "Lopez-Paz & Ranzato, GEM, NeurIPS 2017"),
+    MetricDoc("fwt", "mean_{1 ≤ j ≤ i} (R[j−1, j] − b[j]), b = accuracy of the untrained model",
+              "forward transfer", "Lopez-Paz & Ranzato, GEM, NeurIPS 2017",
+              "needs eval.initial=true; some tools use a separately trained random baseline for b"),
+    MetricDoc("nfr/prev", "mean[f_prev correct ∧ f_now wrong] over the whole test set",
+              "negative flip rate vs the previous evaluation point", "Yan et al., PCT, CVPR 2021"),
+    MetricDoc("pfr/prev", "mean[f_prev wrong ∧ f_now correct]", "positive flip rate vs the previous point",
+              "Yan et al., PCT, CVPR 2021"),
+    MetricDoc("nfi/prev", "#negative flips / #errors of f_now", "negative flip impact",
+              "Echterhoff et al., MUSCLE, 2024"),
+    MetricDoc("train/loss", "mean training loss of the epoch (or mini-batch with train.log_every_iter)",
+              "Avalanche Loss_Epoch / Loss_MB", "Avalanche", "step axis = training iterations"),
+    MetricDoc("train/lr", "learning rate of parameter group 0", "per epoch, or per step with a schedule",
+              "—", "step axis = training iterations"),
+    MetricDoc("val/acc", "accuracy on the validation split carved from the experience's training data",
+              "evaluation during training (eval.every_epochs / eval.every_steps)", "—",
+              "step axis = training iterations; never computed on test data"),
+    MetricDoc("val/loss", "mean cross-entropy on the validation split", "evaluation during training", "—",
+              "step axis = training iterations"),
+    MetricDoc("select/epoch", "epochs completed when the kept model was validated",
+              "checkpoint.select=best|last by checkpoint.select_metric", "—"),
+    MetricDoc("select/step", "training iteration of the kept model's validation", "—", "—"),
+    MetricDoc("select/val_acc", "val/acc of the kept model", "—", "—"),
+    MetricDoc("select/val_loss", "val/loss of the kept model", "—", "—"),
+    MetricDoc("<metric>/mean", "mean over the N seed runs of a final metric (parent run of --seeds N)",
+              "multi-seed aggregate", "—"),
+    MetricDoc("<metric>/std", "sample standard deviation (ddof = 1) over the seed runs",
+              "multi-seed aggregate", "—", "numpy's default np.std is ddof = 0"),
+    MetricDoc("<metric>/ci95", "t_{0.975, N−1} · std / √N: half-width of the 95% confidence interval",
+              "Student-t interval", "—", "some papers report ± std or ± standard error instead"),
+    MetricDoc("time/train_s", "wall seconds serving the experience (train / unlearn / update)", "—", "—"),
+    MetricDoc("time/eval_s", "wall seconds of the batched evaluation after the experience", "—", "—"),
+)
+
+
+def pattern(key: str) -> re.Pattern:
+    rx = re.escape(key)
+    for placeholder, sub in (("<j>", r"\d+"), ("<k>", r"\d+"), ("<i>", r"\d+"), ("<name>", r"[\w.-]+"),
+                                    ("<metric>", r"[\w./-]+")):
+        rx = rx.replace(re.escape(placeholder), sub)
+    return re.compile(rx + r"\Z")
+
+
+def lookup(key: str) -> MetricDoc | None:
+    for doc in METRICS:
+        if pattern(doc.key).match(key):
+            return doc
+    return None
+
+
+def undocumented(keys) -> list[str]:
+    return sorted(k for k in set(keys) if lookup(k) is None)
+
+
+def as_text() -> str:
+    lines = []
+    for d in METRICS:
+        lines.append(f"{d.key}\n    formula: {d.formula}\n    variant: {d.variant}\n    source:  {d.source}")
+        if d.differs:
+            lines.append(f"    differs: {d.differs}")
+    return "\n".join(lines)
+
+
+def as_markdown() -> str:
+    out = ["# lethe metrics reference", "",
+           "Generated from `lethe/metrics/reference.py` (`lethe list metrics` prints the same).",
+           "MLflow step = index of the experience just finished, except `train/*` (iteration axis).",
+           f"Notation: {R}.", "",
+           "| key | formula | variant | defined by | differs from other tools |",
+           "|---|---|---|---|---|"]
+    for d in METRICS:
+        cells = [f"`{d.key}`", d.formula, d.variant, d.source, d.differs or ""]
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(as_markdown(), end="")

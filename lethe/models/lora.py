@@ -1,0 +1,151 @@
+"""LoRA on a frozen backbone, through peft, for any lethe model.
+
+Used by the exact-unlearning methods: S3T trains LoRA *groups* (consecutive target layers,
+group 1 = the topmost) one slice at a time; SISA and the retrain oracle can train the same
+adapters all at once (``lora.rank > 0``) so all three share one frozen backbone.
+
+- the classifier head is found as the last ``nn.Linear`` with ``n_classes`` outputs and
+  stays trainable (it is not a LoRA target);
+- targets default to every ``nn.Linear`` / ``nn.Conv2d`` except the head, in module
+  (forward) order; ``target_modules`` names them instead (exact names or name suffixes,
+  e.g. ``[qkv]`` for a timm ViT's attention);
+- peft's ``inject_adapter_in_model`` adds the adapters in place (no wrapper class), so
+  parameter names stay ``<layer>.lora_A.default.weight``; LoRA B starts at zero, so a fresh
+  adapter leaves the backbone's outputs unchanged bit for bit.
+
+Only :class:`LoraOptions` is needed at import time (method config schemas), so torch is
+imported inside the functions and ``lethe list`` stays fast.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+
+@dataclass
+class LoraOptions:
+    rank: int = 16                # LoRA rank r (S3T reference settings: 16)
+    alpha: float = 16.0           # scaling alpha (alpha / sqrt(r) with rslora)
+    dropout: float = 0.1          # dropout on the adapter input, as in S3T's code
+    rslora: bool = True           # rank-stabilised scaling, as in S3T's code
+    target_modules: list = field(default_factory=list)  # [] = every Linear/Conv2d but the head
+    resize_to: int = 0            # > 0: resize inputs to this size first (32px CIFAR → 224 ViT)
+
+
+@lru_cache(maxsize=None)
+def _resize_class():
+    from torch import nn
+
+    class ResizeInput(nn.Module):
+        """Bilinear resize of image inputs before a backbone trained at another resolution."""
+
+        def __init__(self, net: nn.Module, size: int):
+            super().__init__()
+            self.net, self.size = net, int(size)
+
+        def forward(self, x):
+            if x.shape[-1] != self.size or x.shape[-2] != self.size:
+                x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
+                                              align_corners=False)
+            return self.net(x)
+
+    return ResizeInput
+
+
+def resize_input(net, size: int):
+    """``net`` behind a bilinear resize of its image inputs to ``size`` x ``size``."""
+    return _resize_class()(net, size)
+
+
+def find_head(model, n_classes: int) -> str:
+    """Name of the classifier: the last nn.Linear with n_classes outputs."""
+    from torch import nn
+
+    from lethe.platform.errors import ConfigError
+
+    heads = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and m.out_features == n_classes]
+    if not heads:
+        raise ConfigError(f"model: no nn.Linear classifier with {n_classes} outputs found; "
+                          f"LoRA methods need a model whose last Linear layer is the head")
+    return heads[-1]
+
+
+def lora_targets(model, head: str, names: list | None = None) -> list[str]:
+    """Module names that get adapters, in module (forward) order."""
+    from torch import nn
+
+    from lethe.platform.errors import ConfigError
+
+    layers = [n for n, m in model.named_modules()
+              if isinstance(m, (nn.Linear, nn.Conv2d)) and n != head and not n.startswith(head + ".")]
+    if names:
+        wanted = [str(t) for t in names]
+        picked = [n for n in layers if any(n == t or n.endswith("." + t) for t in wanted)]
+        if not picked:
+            raise ConfigError(f"method.lora.target_modules: {wanted} match no Linear/Conv2d layer "
+                              f"(layers: {', '.join(layers[:12])}{' …' if len(layers) > 12 else ''})")
+        return picked
+    if not layers:
+        raise ConfigError("model: no Linear/Conv2d layer besides the head to put LoRA adapters on")
+    return layers
+
+
+def add_lora(model, targets: list[str], opts: LoraOptions, head: str):
+    """Inject LoRA adapters (peft) into ``targets``; freeze everything but adapters and head."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=int(opts.rank), lora_alpha=float(opts.alpha),
+                        lora_dropout=float(opts.dropout), use_rslora=bool(opts.rslora),
+                        target_modules="(" + "|".join(re.escape(t) for t in targets) + ")",
+                        bias="none")
+    model = inject_adapter_in_model(config, model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name or name.startswith(head + "."))
+    return model
+
+
+def adapter_params(model, modules: list[str]) -> list[str]:
+    """Names of the LoRA parameters of the given (target) modules."""
+    prefixes = tuple(m + ".lora_" for m in modules)
+    return [n for n, _ in model.named_parameters() if n.startswith(prefixes)]
+
+
+def head_params(model, head: str) -> list[str]:
+    return [n for n, _ in model.named_parameters() if n.startswith(head + ".")]
+
+
+def group_top_down(targets: list[str], n_groups: int) -> list[list[str]]:
+    """Split the ordered target layers into ``n_groups`` runs of consecutive layers;
+    group 0 holds the topmost layers (S3T trains the top of the network first)."""
+    import numpy as np
+
+    from lethe.platform.errors import ConfigError
+
+    if len(targets) < n_groups:
+        raise ConfigError(f"method.slices={n_groups}: S3T needs one LoRA group per slice but the "
+                          f"model has only {len(targets)} target layers ({', '.join(targets)}); "
+                          f"use a deeper model (e.g. model.layers) or fewer slices")
+    top_first = list(reversed(targets))
+    return [list(reversed(part.tolist())) for part in np.array_split(np.array(top_first, dtype=object),
+                                                                      n_groups)]
+
+
+def freeze_norm_stats(model) -> None:
+    """BatchNorm layers of a frozen backbone must not update running statistics (they would
+    carry information about deletable data); eval mode keeps them fixed while training."""
+    from torch import nn
+
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def count(model, names) -> int:
+    params = dict(model.named_parameters())
+    return int(sum(params[n].numel() for n in names))
+
+
+__all__ = ["LoraOptions", "resize_input", "add_lora", "adapter_params", "count", "find_head",
+           "freeze_norm_stats", "group_top_down", "head_params", "lora_targets"]

@@ -1,0 +1,66 @@
+"""The `lethe` command: listing, help, and exit code 2 with one line for broken configs."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_cli
+
+
+def test_list_shows_every_registered_component_with_a_doc():
+    from lethe import registry
+
+    res = run_cli(["list"], cwd=ROOT)
+    assert res.returncode == 0
+    for kind in registry.KINDS:
+        for name, entry in registry.entries(kind).items():
+            assert entry.doc, f"{kind} {name} has no one-line doc"
+            assert f"{name}" in res.stdout and entry.doc in res.stdout
+    assert "split_digits" in res.stdout.split("presets:")[1]
+
+
+def test_help_and_list_do_not_import_heavy_libraries():
+    code = ("import sys; from lethe.platform.cli import main; main(['list']); "
+            "heavy = [m for m in ('torch', 'avalanche', 'mlflow', 'timm', 'transformers') "
+            "if m in sys.modules]; print('HEAVY', heavy)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert "HEAVY []" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["nosuch.yaml"], "config file not found"),
+    (["split_digits", "trian.epochs=3"], "did you mean 'train'"),
+    (["split_digits", "method.mem_sise=3"], "did you mean 'mem_size'"),
+    (["split_digits", "train.epochs=abc"], "bad value for 'train.epochs'"),
+    (["split_digits", "method.name=repaly"], "did you mean 'replay'"),
+    (["split_digits", "model.name=resnet"], "unknown model 'resnet'"),
+    (["split_digits", "scenario.name=image_folder", "scenario.root=/nope"], "not found: '/nope'"),
+    (["split_digits", "train.optimizer=adm"], "did you mean 'adam'"),
+    (["split_digits", "oops"], "must look like key=value"),
+])
+def test_broken_configs_exit_2_with_one_line(tmp_path, args, expected):
+    res = run_cli(["run", *args, f"tracking.uri=sqlite:///{tmp_path}/m.db"], cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("lethe: error:"), res.stderr
+    assert expected in lines[0]
+    assert not (tmp_path / "m.db").exists(), "no MLflow run is created for a bad config"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("args, expected", [
+    (["split_digits", "scenario.n_experiences=11"], "scenario.n_experiences=11"),
+    (["split_digits", "scenario.name=avalanche", "scenario.benchmark=SplitMNST"], "did you mean 'SplitMNIST'"),
+    (["split_digits", "device=cuda:7"], "no CUDA device"),
+])
+def test_input_errors_found_while_building_exit_2(tmp_path, args, expected):
+    import torch
+
+    if "cuda" in " ".join(args) and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present, so device=cuda is valid here")
+    res = run_cli(["run", *args, f"tracking.uri=sqlite:///{tmp_path}/m.db"], cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], res.stderr

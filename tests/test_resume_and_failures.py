@@ -1,0 +1,154 @@
+"""Checkpoints, resume after SIGKILL, and failures that keep what was logged."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from conftest import LETHE, ROOT, only_run, run_cli
+
+pytestmark = pytest.mark.integration
+
+# Long enough per experience that the kill lands mid-stream; small enough to stay fast.
+SLOW = ["train.epochs=12", "train.batch_size=16", "method.mem_size=100"]
+STEPS = ("acc/exp_0", "acc/exp_1", "acc/exp_2", "acc/exp_3", "acc/exp_4", "acc/avg_seen",
+         "forgetting/avg", "bwt", "fwt", "nfr/prev")
+
+
+def final_metrics(client, run_id):
+    out = {}
+    for key in STEPS:
+        hist = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        out[key] = [(m.step, m.value) for m in hist]
+    return out
+
+
+def wait_for_checkpoint(folder, at_least: int, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for meta in folder.glob("*/meta.json"):
+            try:
+                if json.loads(meta.read_text())["next_experience"] >= at_least:
+                    return json.loads(meta.read_text())
+            except (json.JSONDecodeError, KeyError):
+                pass
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "run ended early"
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+    a_uri, b_uri = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
+    common = ["run", "conf/split_digits.yaml", "tracking.experiment=test", *SLOW]
+    a = common + [f"tracking.uri={a_uri}", f"checkpoint.dir={tmp_path / 'a'}"]
+    b = common + [f"tracking.uri={b_uri}", f"checkpoint.dir={tmp_path / 'b'}"]
+
+    res = run_cli(a, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+    proc = subprocess.Popen(LETHE + b, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"}, text=True)
+    meta = wait_for_checkpoint(tmp_path / "b", 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads((tmp_path / "b" / meta["run_id"] / "meta.json").read_text())
+    assert killed_at["next_experience"] < 5 and not killed_at["finished"]
+
+    res = run_cli(b + ["--resume"], cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"at experience {killed_at['next_experience']}/5" in res.stdout
+
+    client_a, run_a = only_run(a_uri)
+    client_b, run_b = only_run(b_uri)          # the same MLflow run continued, no second run
+    assert run_b.info.run_id == meta["run_id"] and run_b.info.status == "FINISHED"
+    fa, fb = final_metrics(client_a, run_a.info.run_id), final_metrics(client_b, run_b.info.run_id)
+    for key in STEPS:
+        last_a, last_b = fa[key][-1], fb[key][-1]
+        assert last_a == last_b, (key, last_a, last_b)   # bitwise-equal final values
+        assert [s for s, _ in fb[key]][-1] == 4
+
+
+def test_resume_without_unfinished_run_is_a_clear_error(tmp_path, store):
+    res = run_cli(["run", "split_digits", *store["overrides"], "--resume"], cwd=ROOT)
+    assert res.returncode == 2
+    assert "no unfinished run of this config" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_ctrl_c_marks_run_killed_and_keeps_checkpoint(tmp_path, store):
+    proc = subprocess.Popen(LETHE + ["run", "split_digits", *store["overrides"], *SLOW], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    meta = wait_for_checkpoint(tmp_path / "runs", 1, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err
+    client, run = only_run(store["uri"])
+    assert run.info.status == "KILLED"
+    assert (tmp_path / "runs" / meta["run_id"] / "state.pt").exists()
+    assert client.get_metric_history(run.info.run_id, "acc/avg_seen")  # logged metrics kept
+
+
+@dataclass
+class NanModelConfig:
+    hidden: int = 16
+    nan_after: int = 30      # training forwards before the model starts returning NaN
+
+
+def test_nan_loss_stops_with_message_and_keeps_logged_metrics(tmp_path, store):
+    """A registered model that turns NaN mid-stream: exit message names experience and epoch."""
+    import torch
+
+    from lethe.platform.config import load_config
+    from lethe.platform.errors import RunError
+    from lethe.platform.runner import run_experiment
+    from lethe.registry import register_model
+
+    @register_model("nan_after_test", config=NanModelConfig)
+    def nan_model(cfg, info):
+        """Test model: an MLP whose training forward returns NaN after `nan_after` calls."""
+        class NanAfter(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, info.n_classes))
+                self.calls = 0
+
+            def forward(self, x):
+                out = self.net(x)
+                if self.training:
+                    self.calls += 1
+                    if self.calls > cfg.nan_after:
+                        return out * float("nan")
+                return out
+        return NanAfter()
+
+    cfg = load_config("split_digits", [*store["overrides"], "model.name=nan_after_test",
+                                       "train.epochs=2", "model.nan_after=25"])
+    with pytest.raises(RunError) as info:
+        run_experiment(cfg)
+    msg = str(info.value)
+    assert "non-finite training loss" in msg and "experience 2/5" in msg and "epoch 2" in msg
+    client, run = only_run(store["uri"])
+    assert run.info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "acc/avg_seen")] == [0]
+    ckpt = tmp_path / "runs" / run.info.run_id
+    assert (ckpt / "state.pt").exists() and json.loads((ckpt / "meta.json").read_text())["next_experience"] == 1
+    assert "non-finite" in (ckpt / "run.log").read_text()
+    assert "run.log" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_cli_reports_run_failure_with_log_path_and_exit_1(tmp_path, store):
+    # lr so large the loss overflows in the first experience: a run failure, not a config error
+    res = run_cli(["run", "split_digits", *store["overrides"], "train.lr=1e30", "train.epochs=2",
+                   "method.name=naive"], cwd=ROOT)
+    assert res.returncode == 1, res.stderr[-1500:]
+    assert "non-finite training loss" in res.stderr and "full log:" in res.stderr
+    assert "Traceback" not in res.stderr
+    _, run = only_run(store["uri"])
+    assert run.info.status == "FAILED"
