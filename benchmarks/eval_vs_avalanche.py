@@ -28,6 +28,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 
 import torch
 
@@ -81,11 +82,13 @@ def trained_strategy(kind: str, bm, device, n_train: int, seed: int):
     from avalanche.training.plugins import EvaluationPlugin
 
     torch.manual_seed(seed)
-    model = build_model(kind)
+    model = build_model(kind).to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # "No loggers specified": we read eval()'s dict
+        evaluation = EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
     strategy = Naive(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=3e-3),
                      criterion=torch.nn.CrossEntropyLoss(), train_mb_size=64, train_epochs=2,
-                     eval_mb_size=256, device=device,
-                     evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]))
+                     eval_mb_size=256, device=device, evaluator=evaluation)
     for exp in bm.train_stream[:n_train]:
         strategy.train(exp, num_workers=0)
     return strategy

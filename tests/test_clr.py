@@ -14,7 +14,8 @@ from lethe.platform.config import load_config
 from lethe.platform.errors import ConfigError
 from lethe.platform.runner import build_components, run_experiment
 
-FAST = ["scenario.n_experiences=3", "train.epochs=3", "method.anchor_pretrain_epochs=3"]
+FAST = ["scenario.n_experiences=3", "train.epochs=3", "method.anchor_pretrain=first_task",
+        "method.anchor_pretrain_epochs=3"]
 
 
 def build(overrides, model=None):

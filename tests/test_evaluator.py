@@ -39,6 +39,18 @@ def shaped(model: nn.Module, x: torch.Tensor, seed: int) -> nn.Module:
     return model
 
 
+def fitted(model: nn.Module, test, steps: int = 60) -> nn.Module:
+    """A few full-batch Adam steps on the digits, so logits have clear winners (bf16 tests)."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = test.x.to(next(model.parameters()).device), test.y.to(next(model.parameters()).device)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model
+
+
 def per_model(ev: Evaluator, models) -> torch.Tensor:
     return torch.stack([ev.predict(lambda x, t, m=m: m(x), m) for m in models])
 
@@ -227,7 +239,7 @@ def test_store_rejects_mismatched_labels(digits_test):
 @needs_cuda
 def test_cuda_preload_matches_cpu_predictions(digits_test):
     torch.manual_seed(0)
-    model = shaped(simple_cnn(SimpleCNNConfig(channels=8), INFO), digits_test.x, 0)
+    model = fitted(simple_cnn(SimpleCNNConfig(channels=8), INFO), digits_test)
     cpu = Evaluator(digits_test, "cpu").predict(lambda x, t: model(x), model)
     model.cuda()
     ev = Evaluator(digits_test, "cuda")
@@ -235,7 +247,7 @@ def test_cuda_preload_matches_cpu_predictions(digits_test):
     assert not ev.store.ids.is_cuda
     gpu = ev.evaluate(lambda x, t: model(x), "learn:0", model)
     assert gpu.is_cuda
-    # different kernels may flip a near-tie; all but a handful must agree
+    # different kernels (TF32 convolutions) may flip a near-tie; all but a handful agree
     assert (gpu.cpu() == cpu).float().mean() > 0.99
     assert ev.store.accuracy_matrix().is_cuda
 
@@ -245,8 +257,8 @@ def test_cuda_amp_and_vmap(digits_test):
     models = []
     for seed in range(3):
         torch.manual_seed(seed)
-        model = shaped(simple_cnn(SimpleCNNConfig(channels=8), INFO), digits_test.x, seed)
-        models.append(model.cuda())
+        model = simple_cnn(SimpleCNNConfig(channels=8), INFO).cuda()
+        models.append(fitted(model, digits_test))
     ev = Evaluator(digits_test, "cuda", amp=True)
     assert ev.amp and ev.amp_dtype in (torch.bfloat16, torch.float16)
     ref = Evaluator(digits_test, "cuda")
@@ -256,7 +268,8 @@ def test_cuda_amp_and_vmap(digits_test):
     assert (fp32 == per_model(ref, models)).float().mean() > 0.99
     amp = ev.predict_many(models)
     assert ev.last_path == "vmap" and amp.shape == (3, 600) and amp.is_cuda
-    assert (amp == fp32).float().mean() > 0.95
+    # reduced precision flips only near-ties of these fitted models (CPU bf16 check: > 0.99)
+    assert (amp == fp32).float().mean() > 0.97
 
 
 def test_amp_is_ignored_on_cpu(digits_test):
@@ -277,3 +290,21 @@ def test_cl_metrics_work_on_store_tensors(digits_test):
     R = ev.store.accuracy_matrix()
     assert R.shape == (3, 3)
     assert cl.bwt(R, 2) == pytest.approx(((R[2, :2] - torch.diagonal(R)[:2]).mean()).item())
+
+
+def test_predictions_are_ordinary_tensors(digits_test):
+    model = mlp(MLPConfig(hidden=16), INFO)
+    preds = Evaluator(digits_test).predict(lambda x, t: model(x), model)
+    assert not preds.is_inference()
+    preds[:3] = 0                       # would raise for an inference-mode tensor
+
+
+def test_vmap_switch_forces_the_loop_or_refuses_mixed_models(digits_test):
+    torch.manual_seed(0)
+    same = [mlp(MLPConfig(hidden=24), INFO) for _ in range(3)]
+    ev = Evaluator(digits_test, batch_size=200)
+    looped = ev.predict_many(same, vmap=False)
+    assert ev.last_path == "loop"
+    assert torch.equal(looped, ev.predict_many(same)) and ev.last_path == "vmap"
+    with pytest.raises(ValueError, match="one architecture"):
+        ev.predict_many([same[0], simple_cnn(SimpleCNNConfig(channels=4), INFO)], vmap=True)

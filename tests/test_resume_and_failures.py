@@ -129,7 +129,7 @@ def test_nan_loss_stops_with_message_and_keeps_logged_metrics(tmp_path, store):
         return NanAfter()
 
     cfg = load_config("split_digits", [*store["overrides"], "model.name=nan_after_test",
-                                       "train.epochs=2", "model.nan_after=25"])
+                                       "train.epochs=2", "model.nan_after=30"])
     with pytest.raises(RunError) as info:
         run_experiment(cfg)
     msg = str(info.value)

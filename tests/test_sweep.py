@@ -195,3 +195,42 @@ def test_a_failing_member_is_reported_never_missing(tmp_path):
     state = json.loads((Path(logs[-1]).parents[1] / "sweeps" / parents[0].info.run_id
                         / "sweep.json").read_text())
     assert state["members"][0]["outcome"]["state"] == "FAILED"
+
+
+@pytest.mark.integration
+def test_an_interrupted_local_sweep_resumes_its_members_from_their_checkpoints(tmp_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen([LETHE, "sweep", "split_digits", "--grid", "method.mem_size=20",
+                             "sweep.precheck=false", "tracking.experiment=i", "train.epochs=40",
+                             "scenario.n_experiences=3", *store(tmp_path)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 600
+        while not list((tmp_path / "ck").glob("*/meta.json")):
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: members stop, checkpoints stay
+        proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    client, parents, children = _runs(tmp_path, "i")
+    parent = parents[0].info.run_id
+    assert parents[0].info.status == "KILLED"
+    assert [c.info.status for c in children] == ["KILLED"]
+    run_id = children[0].info.run_id
+    done = json.loads((tmp_path / "ck" / run_id / "meta.json").read_text())["next_experience"]
+    assert 1 <= done < 3
+
+    res = lethe("sweep", "--resume", parent, f"checkpoint.dir={tmp_path}/ck", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    _, parents, children = _runs(tmp_path, "i")
+    assert [c.info.run_id for c in children] == [run_id]  # the same run continued
+    assert children[0].info.status == "FINISHED" and parents[0].info.status == "FINISHED"
+    log = (tmp_path / "ck" / run_id / "run.log").read_text()
+    assert f"resumed run {run_id} at experience {done}/3" in log
+    steps = {m.step for m in client.get_metric_history(run_id, "acc/avg_seen")}
+    assert steps == {0, 1, 2}

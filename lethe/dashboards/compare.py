@@ -143,17 +143,24 @@ def _config_key(params: dict) -> tuple:
 
 def group_runs(runs: list[RunData]) -> dict[str, list[RunData]]:
     """Runs with equal params up to seed/bookkeeping share a group, labelled by the params
-    that differ between groups."""
+    that differ between groups: first the keys every config has (``method.name``,
+    ``train.lr``), then, only where that leaves two groups alike, method-specific keys."""
     keys = {r.run_id: _config_key(r.params) for r in runs}
     distinct = sorted(set(keys.values()))
-    varying = sorted({k for key in distinct for k, _ in key
-                      if len({dict(other).get(k) for other in distinct}) > 1})
+    dicts = [dict(key) for key in distinct]
+    all_keys = sorted({k for d in dicts for k in d})
+    differs = [k for k in all_keys if len({d.get(k) for d in dicts}) > 1]
+    common = [k for k in differs if all(k in d for d in dicts)]
+    labels = [", ".join(f"{k}={d[k]}" for k in common) for d in dicts]
+    for label in {lab for lab in labels if labels.count(lab) > 1}:
+        idx = [i for i, lab in enumerate(labels) if lab == label]  # alike: add what tells them apart
+        extra = [k for k in all_keys if len({dicts[i].get(k) for i in idx}) > 1]
+        for i in idx:
+            parts = [label] + [f"{k}={dicts[i].get(k, '-')}" for k in extra]
+            labels[i] = ", ".join(x for x in parts if x)
     groups: dict[str, list[RunData]] = {}
-    for key in distinct:
-        d = dict(key)
-        label = ", ".join(f"{k}={d[k]}" for k in varying if k in d)
-        if not label:
-            label = d.get("method.name", "runs")
+    for key, d, label in zip(distinct, dicts, labels):
+        label = label or d.get("method.name", "runs")
         members = [r for r in runs if keys[r.run_id] == key]
         for r in members:
             r.group = label

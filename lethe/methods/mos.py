@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from lethe.methods.base import Method
 from lethe.registry import register_method
@@ -52,11 +53,11 @@ class MOSConfig(AdapterTuningConfig):
     reg: float = 0.1              # weight of the prototype self-discrimination (orthogonality) loss
     orth_temperature: float = 0.8  # S = M·Mᵀ / orth_temperature
     merge_momentum: float = 0.1   # α in θ_b ← (1−α)·θ_b + α·mean(θ_k, k<b); 0 disables merging
-    merge_every: str = "step"     # step: after every optimizer step (official code) | task: once, after training
+    merge_every: str = "step"     # step: after every optimizer step (official code) | task: once
     ca_epochs: int = 30           # classifier-alignment epochs after each task b ≥ 1 (0 disables)
     ca_lr: float = 0.005          # SGD lr of classifier alignment (cosine over ca_epochs)
-    ca_momentum: float = 0.9
-    ca_weight_decay: float = 5e-4
+    ca_momentum: float = 0.9      # SGD momentum of classifier alignment
+    ca_weight_decay: Optional[float] = None  # None = train.weight_decay (as the official code)
     ca_samples_per_class: int = 240  # Gaussian samples per class and epoch (official: 5 × batch 48)
     ca_storage: str = "covariance"   # covariance (full) | variance (diagonal): per-class statistics
     cov_eps: float = 1e-4         # added to the diagonal of every class covariance
@@ -187,9 +188,8 @@ class _AdapterTuning(Method):
         from lethe.platform.errors import ConfigError
 
         c = self.cfg
-        for key in ("bottleneck",):
-            if getattr(c, key) < 1:
-                raise ConfigError(f"bad value for 'method.{key}': must be ≥ 1")
+        if c.bottleneck < 1:
+            raise ConfigError("bad value for 'method.bottleneck': must be ≥ 1")
         if c.head_lr_scale < 0 or c.min_lr < 0:
             raise ConfigError("bad value for 'method.head_lr_scale'/'method.min_lr': must be ≥ 0")
         return adapted_vit(model, c.bottleneck, c.adapter_scale, c.adapter_dropout, self.name)
@@ -238,9 +238,9 @@ class _AdapterTuning(Method):
         schedule = getattr(self.ctx.train, "lr_schedule", None)
         if schedule is not None and schedule.name != "none":
             return
-        e, total = strategy.clock.train_exp_epochs, max(self.ctx.train.epochs, 1)
+        e, total, low = strategy.clock.train_exp_epochs, max(self.ctx.train.epochs, 1), self.cfg.min_lr
         for g in strategy.optimizer.param_groups:
-            g["lr"] = self.cfg.min_lr + (g["base_lr"] - self.cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * e / total))
+            g["lr"] = low + (g["base_lr"] - low) * 0.5 * (1 + math.cos(math.pi * e / total))
 
     def training_loss(self, logits, targets):
         import torch.nn.functional as F
@@ -401,8 +401,8 @@ class MOS(_AdapterTuning):
         seen = self.seen_classes()
         means = self.means[seen]
         factors = gaussian_factors(self.spreads[seen], c.ca_storage)
-        opt = torch.optim.SGD(head.parameters(), lr=c.ca_lr, momentum=c.ca_momentum,
-                              weight_decay=c.ca_weight_decay)
+        wd = self.ctx.train.weight_decay if c.ca_weight_decay is None else c.ca_weight_decay
+        opt = torch.optim.SGD(head.parameters(), lr=c.ca_lr, momentum=c.ca_momentum, weight_decay=wd)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.ca_epochs)
         n = c.ca_samples_per_class
         head.train()
@@ -467,12 +467,15 @@ class MOS(_AdapterTuning):
 
     # --- checkpoints --------------------------------------------------------------------
     def extra_state(self) -> dict:
+        seen = self.seen_classes()   # statistics of seen classes only: covariances are D² each
         return {"task_adapters": [{k: v.cpu() for k, v in a.items()} for a in self.task_adapters],
-                "class_task": self.class_task.cpu(), "prototypes": self.prototypes.cpu(),
-                "means": self.means.cpu(), "spreads": self.spreads.cpu()}
+                "class_task": self.class_task.cpu(), "prototypes": self.prototypes[seen].cpu(),
+                "means": self.means[seen].cpu(), "spreads": self.spreads[seen].cpu()}
 
     def load_extra_state(self, state: dict) -> None:
         dev = self.ctx.device
         self.task_adapters = [{k: v.to(dev) for k, v in a.items()} for a in state["task_adapters"]]
-        for key in ("class_task", "prototypes", "means", "spreads"):
-            setattr(self, key, state[key].to(dev))
+        self.class_task = state["class_task"].to(dev)
+        seen = self.seen_classes()
+        for key in ("prototypes", "means", "spreads"):
+            getattr(self, key)[seen] = state[key].to(dev)

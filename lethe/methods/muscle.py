@@ -127,7 +127,10 @@ class Muscle(UpdateMethod):
                 for g in self.strategy.optimizer.param_groups:
                     g["lr"] = c.adapter_lr
             self.strategy.train(experience.train, num_workers=self.ctx.train.num_workers)
-            self.use_model(compat.merge_and_unload())    # deploy f₂ with the adapter merged in
+            deployed = compat.merge_and_unload()          # f₂ with the adapter merged in
+            for p in deployed.parameters():               # an ordinary network again
+                p.requires_grad_(True)
+            self.use_model(deployed)
         finally:
             self.new_model = None
 

@@ -296,6 +296,17 @@ class ExactUnlearner(Method):
                           in_dims=(0, None))(cache[1], x)
 
     # --- checkpoints --------------------------------------------------------------------
+    # The template's Avalanche optimizer is never stepped (fit() makes one per stage), so
+    # only the model, the learned steps and the method state are saved.
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "learned": list(self.learned),
+                "extra": self.extra_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.learned = list(state["learned"])
+        self.load_extra_state(state["extra"])
+
     def extra_state(self) -> dict:
         return {"seen": self.seen.clone(), "deleted": self.deleted.clone(),
                 "stats": {k: float(v) for k, v in self.stats.items()},

@@ -161,7 +161,9 @@ def cmd_compare(args) -> int:
     from lethe.platform.errors import ConfigError
 
     uri, experiment = None, args.experiment
-    for item in args.overrides:
+    runs = [r for r in args.runs or [] if "=" not in r]  # `--runs A B key=value`: not run ids
+    overrides = [r for r in args.runs or [] if "=" in r] + list(args.overrides)
+    for item in overrides:
         key, sep, value = item.partition("=")
         if key == "tracking.uri" and sep:
             uri = value
@@ -170,7 +172,7 @@ def cmd_compare(args) -> int:
         else:
             raise ConfigError(f"lethe compare: unknown argument '{item}' (accepted: tracking.uri=URI, "
                               f"tracking.experiment=NAME)")
-    page = write_compare(uri, experiment=experiment, run_ids=args.runs, out=args.out)
+    page = write_compare(uri, experiment=experiment, run_ids=runs or None, out=args.out)
     print(page_summary(page))
     return EXIT_OK
 

@@ -215,13 +215,21 @@ class Runner:
                             plugins=plugins,
                             evaluator=make_avalanche_evaluator(tracker, cfg.train.log_every_iter))
         method = method_entry.obj(cfg.method, model, ctx)
-        evaluator = Evaluator(stream.test, device, cfg.eval.batch_size, cfg.eval.amp, stream.n_classes)
+        lm = getattr(stream, "task_type", "classification") == "lm"
+        if lm:   # corpus streams: held-out loss / perplexity per corpus (metrics/lm.py)
+            from lethe.metrics.lm import LMEvaluator
+
+            evaluator = LMEvaluator(stream.test, device, cfg.eval.batch_size, cfg.eval.amp, stream.n_classes)
+        else:
+            evaluator = Evaluator(stream.test, device, cfg.eval.batch_size, cfg.eval.amp, stream.n_classes)
         predict = method.predict
         start, final = 0, {}
         if meta:
             state = self.checkpointer.load()
             method.load_state_dict(state["method"])
             evaluator.store.load(state["store_labels"], state["store_preds"])
+            if "eval_extra" in state:   # LM evaluator: held-out losses of earlier points
+                evaluator.load_extra_state(state["eval_extra"])
             ckpt.set_rng_state(state["rng"])
             start = int(state["next"])
             log.info("resumed run %s at experience %d/%d", tracker.run_id, start, n)
@@ -237,7 +245,7 @@ class Runner:
             t1 = time.perf_counter()
             evaluator.evaluate(predict, f"{exp.kind}:{exp.index}", method.model)
             n_learned = sum(1 for lab in evaluator.store.labels if lab.startswith("learn:"))
-            final = step_metrics(evaluator.store, n_learned)
+            final = evaluator.step_metrics(n_learned) if lm else step_metrics(evaluator.store, n_learned)
             final["time/train_s"] = t1 - t0
             final["time/eval_s"] = time.perf_counter() - t1
             final.update(method.log_params())   # e.g. params/trainable (CLR), from step 0 on
@@ -285,9 +293,12 @@ class Runner:
         return ["unlearning.csv"]
 
     def _state(self, method, evaluator, next_index: int) -> dict:
-        return {"method": method.state_dict(), "store_labels": list(evaluator.store.labels),
-                "store_preds": evaluator.store.preds.cpu(), "rng": ckpt.rng_state(),
-                "next": next_index}
+        state = {"method": method.state_dict(), "store_labels": list(evaluator.store.labels),
+                 "store_preds": evaluator.store.preds.cpu(), "rng": ckpt.rng_state(),
+                 "next": next_index}
+        if hasattr(evaluator, "extra_state"):   # LM evaluator: held-out losses per point
+            state["eval_extra"] = evaluator.extra_state()
+        return state
 
     def _save(self, method, evaluator, next_index: int, n: int, finished: bool) -> None:
         meta = {"run_id": self.tracker.run_id, "tracking_uri": self.tracker.uri,
@@ -314,6 +325,8 @@ class Runner:
             if self.cfg.train.lr_schedule.name != "none":
                 files += self._lr_schedule_png(tmp)
             files += self._unlearning_csv(tmp)
+            if hasattr(evaluator, "write_artifacts"):   # LM streams: loss / perplexity matrices
+                files += evaluator.write_artifacts(tmp, f"{self.cfg.name}: {self.cfg.method.name}")
             if any(lab.startswith("update:") for lab in store.labels):
                 from lethe.metrics.compat import write_update_reports
 

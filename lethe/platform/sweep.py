@@ -170,8 +170,6 @@ def _yaml_grid(block: Any) -> dict[str, list[str]]:
     return grid
 
 
-SWEEP_SHORTHANDS = ("executor", "slurm.")
-
 
 def split_sweep_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     """Separate sweep options (``sweep.*``, ``executor=``, ``slurm.*``) from config overrides."""
@@ -480,7 +478,7 @@ class _Waiter:
     def _ended_without_result(self, i: int, job, live: dict) -> bool:
         if self.opts.executor == "local":
             return job.done() and not job.paths.result_pickle.exists()
-        if str(job.job_id) in live:
+        if live is None or str(job.job_id) in live:  # running, or squeue did not answer
             self.gone_since.pop(i, None)
             return False
         # absent from squeue (or in a terminal state) and no result file: allow for a shared
@@ -529,16 +527,21 @@ SLURM_ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "
                 "RESV_DEL_HOLD"}
 
 
-def slurm_live_states(job_ids: list[str]) -> dict[str, str]:
-    """job id → state for jobs SLURM still schedules or runs (array tasks as ``A_i``)."""
-    if not job_ids or shutil.which("squeue") is None:
+def slurm_live_states(job_ids: list[str]) -> dict[str, str] | None:
+    """job id → state for jobs SLURM still schedules or runs (array tasks as ``A_i``);
+    None when squeue cannot answer (then nobody may conclude that a job is gone)."""
+    if not job_ids:
         return {}
+    if shutil.which("squeue") is None:
+        return None
     arrays = sorted({j.split("_")[0] for j in job_ids})
     try:
         out = subprocess.run(["squeue", "-h", "-r", "--states=all", "-o", "%i|%T", "-j", ",".join(arrays)],
                              capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
-        return {}
+        return None
+    if out.returncode != 0 and "Invalid job id" not in out.stderr:
+        return None
     states = {}
     for line in out.stdout.splitlines():
         jid, _, st = line.strip().partition("|")
@@ -714,6 +717,8 @@ def member_status(sweep_dir: Path) -> tuple[dict, list[MemberStatus]]:
         runs.setdefault(idx, run)  # newest first
     last_jobs = [m["jobs"][-1] for m in state["members"] if m.get("jobs")]
     live = slurm_live_states([j["job_id"] for j in last_jobs]) if state["executor"] == "slurm" else {}
+    squeue_ok = live is not None
+    live = live or {}
     out = []
     for m in state["members"]:
         i = m["index"]
@@ -740,7 +745,10 @@ def member_status(sweep_dir: Path) -> tuple[dict, list[MemberStatus]]:
         elif state["executor"] == "local" and _pid_alive(job["job_id"]):
             st = "RUNNING"
         elif run is not None and run.info.status == "RUNNING" and state["executor"] == "slurm":
-            st = "LOST"
+            if not squeue_ok:
+                st, error = "UNKNOWN", error or "squeue did not answer; try again"
+            else:
+                st = "LOST"
             error = error or "the run is RUNNING in MLflow but its job is gone"
         else:
             st = _result_state(Path(job["stdout"]).parent, job["job_id"])

@@ -1,0 +1,199 @@
+"""S3T: sequence selection, deletion by deactivation, and exactness proved bit for bit."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lethe.methods.base import MethodContext
+from lethe.methods.s3t import (bipartite_sequences, cyclic_sequences, all_sequences,
+                               sequence_score)
+from lethe.platform.config import load_config
+from lethe.platform.errors import ConfigError, RunError
+from lethe.platform.runner import build_components, seed_everything
+from lethe.scenarios.types import ForgetRequest
+
+TINY = ["device=cpu", "scenario.n_experiences=5", "model.name=mlp", "model.layers=3",
+        "model.hidden=16", "train.epochs=2", "train.batch_size=16", "train.optimizer=adam",
+        "train.lr=0.01", "method.name=s3t", "method.shards=2", "method.slices=3",
+        "method.lora.rank=2"]
+
+
+def build(*overrides):
+    """A fresh S3T instance (seeded exactly like a run) and its stream."""
+    cfg = load_config("split_digits", [*TINY, *overrides])
+    seed_everything(cfg.seed, False)
+    stream, model, entry = build_components(cfg)
+    ctx = MethodContext(train=cfg.train, device=torch.device("cpu"), stream=stream, seed=cfg.seed)
+    return entry.obj(cfg.method, model, ctx), stream
+
+
+def equal_states(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def sample_in(m, shard: int, position: int, b: int = 0) -> int:
+    """A live sample id in the slice at ``position`` of sequence b of ``shard``."""
+    k = m.seqs[shard][b][position]
+    return int(m.ids_of(m.slice_rows(shard, [k]))[0])
+
+
+# --- sequence selection -----------------------------------------------------------------
+def test_cyclic_rotations_let_every_slice_lead_once():
+    seqs = cyclic_sequences(4, 4)
+    assert seqs == [[0, 1, 2, 3], [1, 2, 3, 0], [2, 3, 0, 1], [3, 0, 1, 2]]
+
+
+def test_cyclic_beyond_L_rotates_suffixes_and_keeps_every_rotation():
+    seqs = cyclic_sequences(4, 8)
+    assert len({tuple(s) for s in seqs}) == 8 and all(sorted(s) == [0, 1, 2, 3] for s in seqs)
+    assert cyclic_sequences(4, 4) == seqs[:4]
+    assert sorted(s[0] for s in seqs) == [0, 0, 1, 1, 2, 2, 3, 3]   # each slice leads twice
+    assert len({tuple(s) for s in cyclic_sequences(3, 6)}) == 6 == math.factorial(3)
+
+
+def test_bipartite_selection_puts_likely_deleted_slices_last():
+    probs = [0.7, 0.1, 0.1, 0.1]
+    seqs = bipartite_sequences(probs, 4)
+    assert all(sorted(s) == [0, 1, 2, 3] for s in seqs)
+    assert all(s[0] != 0 for s in seqs[:3])          # the risky slice leads at most one
+    assert sum(s.index(0) for s in seqs) >= 6         # and sits late on average
+    # the chosen set scores at least as well as plain rotations
+    assert (sum(sequence_score([probs[k] for k in s]) for s in seqs)
+            >= sum(sequence_score([probs[k] for k in s]) for s in cyclic_sequences(4, 4)))
+
+
+def test_all_selection_is_every_permutation():
+    assert sorted(map(tuple, all_sequences(3))) == sorted(
+        {(a, b, c) for a in range(3) for b in range(3) for c in range(3) if len({a, b, c}) == 3})
+
+
+# --- exactness ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained():
+    m, stream = build()
+    m.learn(stream.experiences[0])
+    return m, stream
+
+
+def test_groups_are_top_down_and_each_stage_trains_only_its_group(trained):
+    m, _ = trained
+    assert m.groups == [["5"], ["3"], ["1"]]   # MLP Linear layers 1, 3, 5 (head 7): top first
+    full = m.ckpts[0][0]
+    init = m.init_state
+    for i in range(1, m.n_slices + 1):
+        for g, names in enumerate(m.group_names):
+            same = all(torch.equal(full[i][k], init[k]) for k in names)
+            assert same == (g >= i), (i, g)   # groups after stage i still at their initial value
+
+
+def test_deletion_serves_the_stored_prefix_checkpoint_bitwise_and_equals_fresh_training():
+    m, stream = build()
+    m.learn(stream.experiences[0])
+    j = 0
+    before_other = m.served_state(1)
+    victim = sample_in(m, j, position=1, b=0)         # second slice of sequence 0
+    m.unlearn(ForgetRequest(torch.tensor([victim]), after=0))
+
+    assert m.stats["retrain_samples"] == 0          # served by deactivation: no gradient step
+    assert m.served_state(1) is before_other          # the other shard is untouched
+    b, p = m.served_sequence(j)
+    seq = m.seqs[j][b]
+    row = m.row_of[victim]
+    assert int(m.slice[row]) not in seq[:p]           # the prefix excludes the victim's slice
+    # every sequence lost exactly the stages from the victim's slice on
+    k = int(m.slice[row])
+    assert m.alive[j] == [s.index(k) for s in m.seqs[j]]
+    served = m.served_state(j)
+    # 1) the served model is bitwise its stored prefix checkpoint ...
+    assert served is m.ckpts[j][b][p] and equal_states(served, m.ckpts[j][b][p])
+    # ... which equals deactivating the later groups of the fully trained sequence
+    assert equal_states(m.deactivate(j, b, p), served)
+    # 2) a fresh training on just those prefix slices, same seeds, gives the same tensors
+    fresh, _ = build()
+    prefix_rows = m.slice_rows(j, seq[:p])
+    fresh.seen[prefix_rows] = True                    # it knows nothing but the prefix slices
+    state = fresh.init_state
+    for i in range(p):
+        fresh.load(state)
+        rows = fresh.slice_rows(j, seq[:i + 1])
+        fresh.fit(fresh.stage_names(i), rows, fresh.stage_seed(j, tuple(seq[:i + 1])), "fresh")
+        state = fresh.snapshot()
+    assert equal_states(state, served)
+    # 3) its recorded training ids exclude the deleted sample and are the prefix slices
+    ids = m.training_ids(j)
+    assert victim not in set(ids.tolist())
+    assert torch.equal(ids, m.ids_of(prefix_rows).sort().values)
+    # the ensemble prediction is the mean of the shards' logits (vmapped pass vs a loop)
+    x = stream.test.x[:50]
+    ref = []
+    for state in m.shard_states():
+        m.load(state)
+        with torch.no_grad():
+            ref.append(m.model(x))
+    torch.testing.assert_close(m.predict(x, None), torch.stack(ref).mean(0), rtol=1e-5, atol=1e-5)
+
+
+def test_emptied_shard_is_retrained_or_left_out():
+    m, stream = build()
+    m.learn(stream.experiences[0])
+    leaders = [sample_in(m, 0, position=0, b=b) for b in range(len(m.seqs[0]))]
+    m.unlearn(ForgetRequest(torch.tensor(leaders), after=0))   # hits every sequence's first slice
+    assert m.stats["retrain_samples"] > 0 and m.stats["requests_since_retrain"] == 0
+    assert m.alive[0] == [m.n_slices] * len(m.seqs[0])
+    assert not set(leaders) & set(m.training_ids(0).tolist())
+
+    m2, stream = build("method.retrain_empty=false")
+    m2.learn(stream.experiences[0])
+    leaders = [sample_in(m2, 0, position=0, b=b) for b in range(len(m2.seqs[0]))]
+    m2.unlearn(ForgetRequest(torch.tensor(leaders), after=0))
+    assert m2.stats["retrain_samples"] == 0 and m2.served_sequence(0) is None
+    assert len(m2.shard_states()) == 1 and m2.unlearn_stats()["live_shards"] == 1
+    second = sample_in(m2, 0, position=1, b=0)
+    m2.unlearn(ForgetRequest(torch.tensor([second]), after=0))
+    assert m2.stats["requests_since_retrain"] == 2
+
+
+def test_bad_request_is_refused_and_never_half_applied(trained):
+    m, stream = trained
+    victim = sample_in(m, 1, position=2)
+    m.unlearn(ForgetRequest(torch.tensor([victim]), after=0))
+    alive = [list(a) for a in m.alive]
+    deleted = m.deleted.clone()
+    fresh_id = sample_in(m, 0, position=0)
+    with pytest.raises(RunError, match="already deleted"):
+        m.unlearn(ForgetRequest(torch.tensor([fresh_id, victim]), after=0))
+    with pytest.raises(RunError, match="unknown sample ids"):
+        m.unlearn(ForgetRequest(torch.tensor([fresh_id, 10 ** 9]), after=0))
+    unseen = int(m.pool_ids[~m.seen][0])
+    with pytest.raises(RunError, match="not learned yet"):
+        m.unlearn(ForgetRequest(torch.tensor([fresh_id, unseen]), after=0))
+    shard1 = m.ids_of(m.live & (m.shard == 1))
+    with pytest.raises(RunError, match="every remaining sample of shard 1"):
+        m.unlearn(ForgetRequest(torch.cat([torch.tensor([fresh_id]), shard1]), after=0))
+    assert m.alive == alive and torch.equal(m.deleted, deleted)
+
+
+def test_state_round_trips_through_a_weights_only_checkpoint(tmp_path, trained):
+    m, stream = trained
+    path = tmp_path / "state.pt"
+    torch.save(m.state_dict(), path)
+    m2, _ = build()
+    m2.load_state_dict(torch.load(path, weights_only=True))
+    assert m2.alive == m.alive and m2.seqs == m.seqs and torch.equal(m2.deleted, m.deleted)
+    x = stream.test.x[:64]
+    assert torch.equal(m2.predict(x, None), m.predict(x, None))
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="method.selection.*did you mean 'cyclic'"):
+        build("method.selection=cyclc")
+    with pytest.raises(ConfigError, match="method.lora.rank"):
+        build("method.lora.rank=0")
+    with pytest.raises(ConfigError, match="method.budget.*bipartite"):
+        build("method.selection=bipartite", "method.budget=5")
+    with pytest.raises(ConfigError, match="slices=4.*only 3 target layers"):
+        build("method.slices=4")
+    with pytest.raises(ConfigError, match="deletion_probs"):
+        build("method.deletion_probs=[0.5,0.5]")

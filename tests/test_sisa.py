@@ -1,0 +1,109 @@
+"""SISA: a deletion retrains one shard from the checkpoint before the sample's slice, and
+the result is bitwise the shard trained from scratch without the sample."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lethe.methods.base import MethodContext
+from lethe.platform.config import load_config
+from lethe.platform.errors import ConfigError, RunError
+from lethe.platform.runner import build_components, seed_everything
+from lethe.scenarios.types import ForgetRequest
+
+TINY = ["device=cpu", "scenario.n_experiences=5", "model.name=mlp", "model.layers=1",
+        "model.hidden=16", "train.epochs=2", "train.batch_size=16", "train.optimizer=adam",
+        "train.lr=0.01", "method.name=sisa", "method.shards=3", "method.slices=3"]
+
+
+def build(*overrides):
+    cfg = load_config("split_digits", [*TINY, *overrides])
+    seed_everything(cfg.seed, False)
+    stream, model, entry = build_components(cfg)
+    ctx = MethodContext(train=cfg.train, device=torch.device("cpu"), stream=stream, seed=cfg.seed)
+    return entry.obj(cfg.method, model, ctx), stream
+
+
+def equal_states(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("lora", [[], ["method.lora.rank=2"]], ids=["full", "lora"])
+def test_deletion_equals_training_the_shard_from_scratch_without_the_sample(lora):
+    m, stream = build(*lora)
+    m.learn(stream.experiences[0])
+    j, k = 1, 1                              # a sample in the middle slice of shard 1
+    victim = int(m.ids_of(m.slice_rows(j, [k]))[0])
+    kept = [m.ckpts[j][0][i] for i in range(k + 1)]
+    others = {s: m.served_state(s) for s in (0, 2)}
+    m.unlearn(ForgetRequest(torch.tensor([victim]), after=0))
+
+    # fresh instance, same seeds; it trains shard j from its initial state on the live data
+    fresh, _ = build(*lora)
+    fresh.seen = m.seen.clone()
+    fresh.deleted = m.deleted.clone()
+    fresh.refresh_shard(j)
+    assert equal_states(m.served_state(j), fresh.served_state(j))
+    assert victim not in set(m.training_ids(j).tolist())
+    # the checkpoints before the sample's slice were reused, not retrained ...
+    assert all(m.ckpts[j][0][i] is kept[i] for i in range(k + 1))
+    # ... so the request re-processed only stages k+1..L (cumulative slices), once each
+    sizes = [len(m.slice_rows(j, range(i + 1))) for i in range(m.n_slices)]
+    assert m.stats["retrain_samples"] == sum(sizes[k:]) * 2          # 2 epochs
+    # and the other shards are untouched
+    assert all(m.served_state(s) is others[s] for s in others)
+
+
+def test_vote_and_mean_softmax_aggregate_the_shard_models():
+    m, stream = build()
+    m.learn(stream.experiences[0])
+    x = stream.test.x[:100]
+    shard_logits = []
+    for state in m.shard_states():          # a plain loop, one model at a time
+        m.load(state)
+        with torch.no_grad():
+            shard_logits.append(m.model(x))
+    shard_logits = torch.stack(shard_logits)
+    votes = torch.nn.functional.one_hot(shard_logits.argmax(-1), 10).sum(0)
+    pred = m.predict(x, None).argmax(-1)
+    # the predicted class has the most votes (ties: any of the tied classes)
+    assert torch.equal(votes.gather(1, pred[:, None]).squeeze(1), votes.max(1).values)
+    m2, _ = build("method.aggregation=mean_softmax")
+    m2.learn(stream.experiences[0])
+    torch.testing.assert_close(m2.predict(x, None).exp(), shard_logits.softmax(-1).mean(0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_a_request_that_empties_a_shard_is_refused_whole():
+    m, stream = build()
+    m.learn(stream.experiences[0])
+    shard0 = m.ids_of(m.live & (m.shard == 0))
+    other = m.ids_of(m.live & (m.shard == 1))[:1]
+    state = [list(a) for a in m.alive], m.deleted.clone(), m.served_state(1)
+    with pytest.raises(RunError, match="every remaining sample of shard 0"):
+        m.unlearn(ForgetRequest(torch.cat([other, shard0]), after=0))
+    assert ([list(a) for a in m.alive], m.served_state(1)) == (state[0], state[2])
+    assert torch.equal(m.deleted, state[1])
+
+
+def test_emptying_a_shard_is_a_config_error_before_any_work(tmp_path):
+    import numpy as np
+
+    from lethe.scenarios.forget import shard_of
+    from lethe.scenarios.split_digits import SplitDigitsConfig, split_digits
+
+    stream = split_digits(SplitDigitsConfig(n_experiences=5), 0)
+    ids = stream.train.ids[stream.train.exp == 0].numpy()
+    shard0 = ids[shard_of(ids, 3, 0) == 0].tolist()
+    cfg = load_config("split_digits", [*TINY, f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+                                       f"scenario.forget_requests=[{{after: 0, ids: {shard0}}}]"])
+    with pytest.raises(ConfigError, match=r"request at stream step 1.*every remaining sample of "
+                                          r"shard 0 \(method.shards=3\)"):
+        build_components(cfg)
+    assert not (tmp_path / "m.db").exists()   # no MLflow run was started
+    assert np.all(shard_of(np.array(shard0), 3, 0) == 0)
+
+
+def test_unknown_aggregation_suggests_the_closest():
+    with pytest.raises(ConfigError, match="did you mean 'vote'"):
+        build("method.aggregation=vot")
