@@ -36,16 +36,30 @@ KEYS = [("acc", "acc/version"), ("gain", "acc/gain_prev"), ("nfr", "nfr/prev"),
         ("pfr", "pfr/prev"), ("nfi", "nfi/prev"), ("rel_nfr", "rel_nfr/prev")]
 
 
-def run_one(preset: str, seed: int, tmp: Path, extra: list[str]) -> dict:
+def config(preset: str, seed: int, tmp: Path, extra: list[str]):
     from lethe.platform.config import load_config
+
+    return load_config(preset, [f"seed={seed}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+                                "tracking.experiment=compat_nfr", "checkpoint.enabled=false",
+                                f"checkpoint.dir={tmp / 'runs'}", "eval.save_predictions=false",
+                                "device=cpu", *extra])
+
+
+def run_one(cfg) -> dict:
     from lethe.platform.runner import run_experiment
 
-    cfg = load_config(preset, [f"seed={seed}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-                               "tracking.experiment=compat_nfr", "checkpoint.enabled=false",
-                               f"checkpoint.dir={tmp / 'runs'}", "eval.save_predictions=false",
-                               "device=cpu", *extra])
     res = run_experiment(cfg)
     return {name: res.final[key] for name, key in KEYS}
+
+
+def describe(cfg) -> str:
+    """'v0 (mlp, 50% of the data, 10 ep) → v1 (simple_cnn, 100%, 20 ep)' from a config."""
+    parts, model = [], cfg.model.name
+    for k, v in enumerate(cfg.scenario.versions):
+        model = v.model.name if v.model is not None else model
+        parts.append(f"v{k} ({model}, {100 * v.fraction:.0f}% of the data, "
+                     f"{v.epochs or cfg.train.epochs} ep)")
+    return " → ".join(parts)
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -57,27 +71,51 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="overrides applied to every run (e.g. train.epochs=5)")
+    ap.add_argument("--set-pct", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides of the pct runs only (e.g. method.lam=1.0)")
+    ap.add_argument("--set-muscle", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides of the muscle runs only (e.g. method.adapter_epochs=10)")
+    ap.add_argument("--control", action="store_true",
+                    help="also run naive_update with the last version trained for as many extra "
+                         "epochs as muscle's adapter (same training budget as muscle)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = ap.parse_args(argv)
 
     import torch
+    from omegaconf import OmegaConf
+
+    from lethe.platform.config import validate
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TQDM_DISABLE", "1")
     logging.getLogger("lethe").setLevel(logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    extra = {"naive": args.set, "pct": args.set + args.set_pct, "muscle": args.set + args.set_muscle}
     results = {m: [] for m in PRESETS}
+    if args.control:
+        results["naive+ep"] = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="compat_nfr_") as tmp:
         for seed in args.seeds:
-            for method, preset in PRESETS.items():
-                r = run_one(preset, seed, Path(tmp), args.set)
+            for method in results:
+                cfg = config(PRESETS[method.split("+")[0]], seed, Path(tmp), extra[method.split("+")[0]])
+                if method == "naive+ep":   # muscle's adapter epochs spent on the new version
+                    mus = config(PRESETS["muscle"], seed, Path(tmp), extra["muscle"])
+                    raw = OmegaConf.to_container(cfg)
+                    last = raw["scenario"]["versions"][-1]
+                    base = last["epochs"] or raw["train"]["epochs"]
+                    last["epochs"] = base + (mus.method.adapter_epochs or base)
+                    cfg = validate(raw)
+                if seed == args.seeds[0] and method == "naive":
+                    update = describe(cfg)
+                r = run_one(cfg)
                 results[method].append(r)
                 print(f"seed {seed} {method:<7s} acc={r['acc']:.4f} gain={r['gain']:+.4f} "
                       f"nfr={r['nfr']:.4f} pfr={r['pfr']:.4f} nfi={r['nfi']:.4f}", flush=True)
-    print(f"\nv0 (MLP, half the data) → v1 (CNN, all the data), {len(args.seeds)} seeds "
-          f"{args.seeds}, {time.perf_counter() - t0:.0f} s; mean ± std over seeds")
-    head = f"{'method':<8s}" + "".join(f"{name:>18s}" for name, _ in KEYS)
+    print(f"\n{update}; {len(args.seeds)} seeds {args.seeds}, "
+          f"{time.perf_counter() - t0:.0f} s; mean ± std over seeds (acc, gain: of the last version; "
+          "flips: last vs previous version)")
+    head = f"{'method':<9s}" + "".join(f"{name:>18s}" for name, _ in KEYS)
     print(head)
     summary = {}
     for method, rows in results.items():
@@ -86,7 +124,7 @@ def main(argv=None) -> int:
             m, s = mean_std([r[name] for r in rows])
             summary[(method, name)] = m
             cells.append(f"{m:9.4f} ± {s:6.4f}")
-        print(f"{method:<8s}" + "".join(f"{c:>18s}" for c in cells))
+        print(f"{method:<9s}" + "".join(f"{c:>18s}" for c in cells))
     naive = summary[("naive", "nfr")]
     best = min(("pct", "muscle"), key=lambda m: summary[(m, "nfr")])
     reduction = 1.0 - summary[(best, "nfr")] / naive if naive > 0 else 0.0

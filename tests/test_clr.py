@@ -14,8 +14,8 @@ from lethe.platform.config import load_config
 from lethe.platform.errors import ConfigError
 from lethe.platform.runner import build_components, run_experiment
 
-FAST = ["scenario.n_experiences=3", "train.epochs=3", "method.anchor_pretrain=first_task",
-        "method.anchor_pretrain_epochs=3"]
+FAST = ["scenario.n_experiences=3", "train.epochs=3", "model.channels=16",
+        "method.anchor_pretrain=first_task", "method.anchor_pretrain_epochs=3"]
 
 
 def build(overrides, model=None):
@@ -123,7 +123,7 @@ def test_clr_keeps_anchor_bitwise_and_forgets_nothing():
             assert torch.equal(preds[i][mask], preds[j][mask]), (i, j)
     R = cl.accuracy_matrix(preds, ev.store.targets, exp_of, 3)
     assert cl.forgetting(R, 2) == 0.0
-    assert float(R[-1].mean()) > 0.85
+    assert float(R[-1].mean()) > 0.6       # 3 short epochs on a small anchor: learning, not chance
     # heads really are per task: 4, 3 and 3 classes
     assert [len(method.stash[t][f"{method.head_name}.classes"]) for t in range(3)] == [4, 3, 3]
 

@@ -118,6 +118,14 @@ def test_test_ids_later_ids_and_deleted_ids_are_refused():
         add_forget_requests(stream3(), [{"after": 0, "ids": everything}], seed=0)
 
 
+def test_public_samples_cannot_be_deleted():
+    s = split_digits(SplitDigitsConfig(n_experiences=3, public_fraction=0.3), 0)
+    assert not set(s.public.ids.tolist()) & set(s.train.ids.tolist())
+    pub = int(s.public.ids[0])
+    with pytest.raises(ConfigError, match=rf"\[{pub}\] are in the non-deletable public split"):
+        add_forget_requests(s, [{"after": 0, "ids": [pub]}], seed=0)
+
+
 def test_a_bad_request_leaves_the_stream_unchanged():
     s = stream3()
     before = [(e.index, e.kind) for e in s.experiences]

@@ -53,15 +53,19 @@ def test_cyclic_beyond_L_rotates_suffixes_and_keeps_every_rotation():
     assert len({tuple(s) for s in cyclic_sequences(3, 6)}) == 6 == math.factorial(3)
 
 
-def test_bipartite_selection_puts_likely_deleted_slices_last():
+def test_bipartite_selection_keeps_the_sequences_likely_to_survive():
+    import itertools
+
     probs = [0.7, 0.1, 0.1, 0.1]
-    seqs = bipartite_sequences(probs, 4)
-    assert all(sorted(s) == [0, 1, 2, 3] for s in seqs)
-    assert all(s[0] != 0 for s in seqs[:3])          # the risky slice leads at most one
-    assert sum(s.index(0) for s in seqs) >= 6         # and sits late on average
-    # the chosen set scores at least as well as plain rotations
-    assert (sum(sequence_score([probs[k] for k in s]) for s in seqs)
-            >= sum(sequence_score([probs[k] for k in s]) for s in cyclic_sequences(4, 4)))
+    full = bipartite_sequences(probs, 4)
+    # B = L: a Latin square (each slice once per position), as the matching grows all L
+    assert all(sorted(col) == [0, 1, 2, 3] for col in zip(*full))
+    # B < L: the B best-scoring of them; none starts with the risky slice 0
+    two = bipartite_sequences(probs, 2)
+    assert len(two) == 2 and all(s in full and s[0] != 0 for s in two)
+    score = lambda seqs: sum(sequence_score([probs[k] for k in s]) for s in seqs)  # noqa: E731
+    assert score(two) >= max(score(c) for c in itertools.combinations(full, 2)) - 1e-12
+    assert score(two) > score(cyclic_sequences(4, 2))
 
 
 def test_all_selection_is_every_permutation():
@@ -186,6 +190,18 @@ def test_state_round_trips_through_a_weights_only_checkpoint(tmp_path, trained):
     assert torch.equal(m2.predict(x, None), m.predict(x, None))
 
 
+def test_backbone_pretrained_on_the_public_split_stays_frozen():
+    m, stream = build("scenario.public_fraction=0.3", "method.lora.pretrain_epochs=2")
+    frozen = {k: v.clone() for k, v in m.model.state_dict().items() if "base_layer" in k}
+    untrained, _ = build("scenario.public_fraction=0.3")
+    assert any(not torch.equal(v, untrained.model.state_dict()[k]) for k, v in frozen.items())
+    m.learn(stream.experiences[0])
+    m.unlearn(ForgetRequest(m.ids_of(m.live)[:2], after=0))
+    assert all(torch.equal(v, m.model.state_dict()[k]) for k, v in frozen.items())
+    with pytest.raises(ConfigError, match="pretrain_epochs > 0 needs a non-deletable public split"):
+        build("method.lora.pretrain_epochs=2")
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="method.selection.*did you mean 'cyclic'"):
         build("method.selection=cyclc")
@@ -197,3 +213,34 @@ def test_config_errors_name_the_key():
         build("method.slices=4")
     with pytest.raises(ConfigError, match="deletion_probs"):
         build("method.deletion_probs=[0.5,0.5]")
+
+
+def test_digit_presets_share_data_model_and_requests():
+    nodes = {name: load_config(name) for name in ("s3t_digits", "sisa_digits", "retrain_digits")}
+    first = nodes["s3t_digits"]
+    for cfg in nodes.values():
+        assert cfg.scenario == first.scenario and cfg.model == first.model and cfg.train == first.train
+        assert cfg.method.lora.rank == first.method.lora.rank
+    assert {cfg.method.name for cfg in nodes.values()} == {"s3t", "sisa", "retrain"}
+
+
+def test_vit_preset_puts_lora_groups_on_the_attention_of_consecutive_blocks():
+    """s3t_cifar10_vit's method node on a tiny timm ViT over digits (no CIFAR, no weights)."""
+    cfg = load_config("s3t_cifar10_vit", [
+        "model.weights_path=null", "model.arch=vit_tiny_patch16_224", "device=cpu",
+        "model.kwargs={img_size: 8, patch_size: 2, depth: 4, embed_dim: 16, num_heads: 2}",
+        "scenario.name=split_digits", "scenario.n_experiences=5", "method.lora.resize_to=0",
+        "method.shards=1", "method.budget=1", "method.lora.rank=2", "train.epochs=1",
+        "train.batch_size=64"])
+    seed_everything(cfg.seed, False)
+    stream, model, entry = build_components(cfg)
+    ctx = MethodContext(train=cfg.train, device=torch.device("cpu"), stream=stream, seed=cfg.seed)
+    m = entry.obj(cfg.method, model, ctx)
+    assert m.groups == [[f"blocks.{i}.attn.qkv"] for i in (3, 2, 1, 0)]   # top block first
+    assert m.head == "head"
+    assert all(n.startswith("head.") for n in m.head_names)
+    m.learn(stream.experiences[0])
+    victim = int(m.ids_of(m.slice_rows(0, [m.seqs[0][0][2]]))[0])
+    m.unlearn(ForgetRequest(torch.tensor([victim]), after=0))
+    assert m.served_sequence(0) == (0, 2) and m.stats["retrain_samples"] == 0
+    assert m.predict(stream.test.x[:8], None).shape == (8, 10)

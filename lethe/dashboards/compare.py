@@ -32,6 +32,7 @@ PARENT_TAG = "lethe.sweep.parent"
 IGNORED_PREFIXES = ("tracking.", "checkpoint.")
 IGNORED_KEYS = {"seed", "device", "eval.batch_size", "train.num_workers", "eval.save_predictions"}
 CURVE_KEYS = ("acc/avg_seen", "acc/avg_all")
+PLOTTED_STATUS = ("FINISHED", "RUNNING")
 TABLE_METRICS = ("acc/avg_seen", "acc/avg_all", "forgetting/avg", "bwt", "fwt", "nfr/prev",
                  "unlearn/forget_acc", "unlearn/retain_acc", "unlearn/test_acc", "unlearn/mia_auc",
                  "unlearn/serve_s", "unlearn/retrain_samples", "params/trainable")
@@ -240,7 +241,7 @@ def fig_curves(groups: dict[str, list[RunData]]):
             x = [s + 1 for s in steps]  # "after experience 1..n"
             upper = [m + s for m, s in zip(mean, std)]
             lower = [m - s for m, s in zip(mean, std)]
-            fig.add_trace(go.Scatter(x=x + x[::-1], y=upper + lower[::-1], fill="toself",
+            fig.add_trace(go.Scatter(x=x + x[::-1], y=upper + lower[::-1], fill="toself", mode="lines",
                                      fillcolor=_rgba(color, 0.18), line=dict(width=0),
                                      hoverinfo="skip", showlegend=False, legendgroup=label),
                           row=1, col=col)
@@ -391,11 +392,12 @@ def _fmt(v) -> str:
 
 
 def table_html(runs: list[RunData], groups: dict[str, list[RunData]]) -> str:
+    # params whose set values differ (a key only some methods have, with one value, is noise)
     varying = sorted({k for r in runs for k in r.params
                       if k not in IGNORED_KEYS and not k.startswith(IGNORED_PREFIXES)
-                      and len({x.params.get(k) for x in runs}) > 1})
+                      and len({x.params[k] for x in runs if k in x.params}) > 1})
     metrics = [m for m in TABLE_METRICS if any(m in r.final for r in runs)]
-    head = ["run", "group", "seed", "status"] + varying + metrics
+    head = ["run", "group", "seed", "status"] + metrics + varying
     out = ["<table class='sortable' id='runs'><thead><tr>"]
     out += [f"<th>{html.escape(h)}</th>" for h in head]
     out.append("</tr></thead><tbody>")
@@ -404,11 +406,11 @@ def table_html(runs: list[RunData], groups: dict[str, list[RunData]]) -> str:
                  f"<td>{html.escape(r.group)}</td>",
                  f"<td class='num'>{html.escape(r.params.get('seed', ''))}</td>",
                  f"<td class='{html.escape(r.status)}'>{html.escape(r.status)}</td>"]
-        cells += [f"<td>{html.escape(r.params.get(k, ''))}</td>" for k in varying]
         for m in metrics:
             v = r.final.get(m)
             cells.append(f"<td class='num' data-value='{'' if v is None else repr(float(v))}'>"
                          f"{_fmt(v)}</td>")
+        cells += [f"<td>{html.escape(r.params.get(k, ''))}</td>" for k in varying]
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
     return "".join(out)
@@ -418,10 +420,12 @@ def render_page(runs: list[RunData], title: str, subtitle: str) -> str:
     import plotly.io as pio
     from plotly.offline import get_plotlyjs
 
-    # group every run (the table labels failed runs too); plot the runs that logged metrics
+    # group every run (the table lists failed runs too); plot finished and running runs only,
+    # so a member that died half-way does not skew its group's mean
     groups = {}
     for label, members in group_runs(runs).items():
-        plotted = [r for r in members if any(k in r.history for k in CURVE_KEYS)]
+        plotted = [r for r in members if r.status in PLOTTED_STATUS
+                   and any(k in r.history for k in CURVE_KEYS)]
         if plotted:
             groups[label] = plotted
     sections = []

@@ -35,6 +35,57 @@ class RetrainConfig:
     lora: LoraOptions = field(default_factory=lambda: LoraOptions(rank=0))
 
 
+def train_loop(model, names: list[str], x, y, train, epochs: int, seed: int, label: str,
+               freeze_norms: bool = False) -> int:
+    """Train the parameters ``names`` of ``model`` on (x, y) for ``epochs`` with the
+    optimizer of ``train`` (a TrainConfig); batch order and dropout come from ``seed`` only
+    (inside ``fork_rng``: the caller's RNG streams are untouched). Returns samples × epochs."""
+    import torch
+    import torch.nn.functional as F
+
+    from lethe.methods.base import make_optimizer
+    from lethe.models.lora import freeze_norm_stats
+    from lethe.platform.errors import RunError
+
+    n = len(y)
+    if n == 0 or not names or epochs < 1:
+        return 0
+    device = x.device
+    params = dict(model.named_parameters())
+    flags = {k: p.requires_grad for k, p in params.items()}
+    chosen = set(names)
+    for k, p in params.items():
+        p.requires_grad_(k in chosen)
+    forked = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=forked):
+            torch.manual_seed(seed)          # dropout; restored on exit
+            gen = torch.Generator().manual_seed(seed)
+            opt = make_optimizer([params[k] for k in names], train)
+            model.train()
+            if freeze_norms:
+                freeze_norm_stats(model)
+            bs = int(train.batch_size)
+            for epoch in range(epochs):
+                perm = torch.randperm(n, generator=gen).to(device)
+                total = torch.zeros((), device=device)
+                for s in range(0, n, bs):
+                    idx = perm[s:s + bs]
+                    loss = F.cross_entropy(model(x[idx]), y[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += loss.detach()
+                if not torch.isfinite(total):
+                    raise RunError(f"non-finite training loss in {label}, epoch {epoch + 1}: "
+                                   f"lower train.lr or check the inputs")
+    finally:
+        model.eval()
+        for k, p in params.items():
+            p.requires_grad_(flags[k])
+    return n * epochs
+
+
 class ExactUnlearner(Method):
     """Base of the exact-unlearning methods (retrain, sisa, s3t)."""
 
@@ -70,6 +121,8 @@ class ExactUnlearner(Method):
         if opts.resize_to:
             model = lora.resize_input(model, opts.resize_to)
         self.head = lora.find_head(model, self.ctx.stream.n_classes)
+        if int(opts.pretrain_epochs) > 0:
+            self.pretrain(model, int(opts.pretrain_epochs))
         self.frozen_backbone = int(opts.rank) > 0
         if self.frozen_backbone:
             self.targets = lora.lora_targets(model, self.head, list(opts.target_modules))
@@ -85,6 +138,22 @@ class ExactUnlearner(Method):
             self.keys += [n for n, _ in model.named_buffers()]
         model.eval()
         return model
+
+    def pretrain(self, model, epochs: int) -> None:
+        """Train the whole model on the stream's public (non-deletable) split: the backbone
+        then depends on no deletable sample, so deletions stay exact."""
+        from lethe.platform.errors import ConfigError
+        from lethe.scenarios.forget import derive_seed
+
+        public = getattr(self.ctx.stream, "public", None)
+        if public is None or len(public.y) == 0:
+            raise ConfigError("method.lora.pretrain_epochs > 0 needs a non-deletable public split "
+                              "in the stream (e.g. scenario.public_fraction=0.3 for split_digits)")
+        device = self.ctx.device
+        model.to(device)
+        train_loop(model, [n for n, _ in model.named_parameters()], public.x.to(device),
+                   public.y.long().to(device), self.ctx.train, epochs,
+                   derive_seed(self.ctx.seed, 0xBAC), f"{self.name} backbone pretraining")
 
     # --- model states -------------------------------------------------------------------
     def _tensors(self) -> dict:
@@ -124,53 +193,15 @@ class ExactUnlearner(Method):
         train.epochs; batch order and dropout are drawn from ``seed`` only. Returns the
         samples processed (rows × epochs)."""
         import torch
-        import torch.nn.functional as F
 
-        from lethe.methods.base import make_optimizer
-        from lethe.models.lora import freeze_norm_stats
-        from lethe.platform.errors import RunError
-
-        train, device = self.ctx.train, self.ctx.device
         rows = torch.as_tensor(rows, dtype=torch.long)
-        n = len(rows)
-        if n == 0 or not names:
+        if len(rows) == 0 or not names:
             return 0
-        params = dict(self.model.named_parameters())
-        flags = {k: p.requires_grad for k, p in params.items()}
-        chosen = set(names)
-        for k, p in params.items():
-            p.requires_grad_(k in chosen)
         x_all, y_all = self._device_pool()
-        rows_dev = rows.to(device)
-        x, y = x_all[rows_dev], y_all[rows_dev]
-        forked = [device] if device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=forked):
-                torch.manual_seed(seed)          # dropout; restored on exit
-                gen = torch.Generator().manual_seed(seed)
-                opt = make_optimizer([params[k] for k in names], train)
-                self.model.train()
-                if self.frozen_backbone:
-                    freeze_norm_stats(self.model)
-                bs = int(train.batch_size)
-                for epoch in range(int(train.epochs)):
-                    perm = torch.randperm(n, generator=gen).to(device)
-                    total = torch.zeros((), device=device)
-                    for s in range(0, n, bs):
-                        idx = perm[s:s + bs]
-                        loss = F.cross_entropy(self.model(x[idx]), y[idx])
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
-                        total += loss.detach()
-                    if not torch.isfinite(total):
-                        raise RunError(f"non-finite training loss in {self.name} ({label}), "
-                                       f"epoch {epoch + 1}: lower train.lr or check the inputs")
-        finally:
-            self.model.eval()
-            for k, p in params.items():
-                p.requires_grad_(flags[k])
-        return n * int(train.epochs)
+        rows_dev = rows.to(self.ctx.device)
+        return train_loop(self.model, names, x_all[rows_dev], y_all[rows_dev], self.ctx.train,
+                          int(self.ctx.train.epochs), seed, f"{self.name} ({label})",
+                          freeze_norms=self.frozen_backbone)
 
     # --- serving experiences ------------------------------------------------------------
     def learn(self, experience) -> None:

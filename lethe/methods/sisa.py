@@ -30,6 +30,11 @@ from lethe.registry import register_method
 AGGREGATIONS = ("vote", "mean_softmax")
 
 
+def _emptied(shard: int, n_shards: int) -> str:
+    return (f"deletes every remaining sample of shard {shard} (method.shards={n_shards}); a shard "
+            f"without data has no model to serve: delete fewer samples or use fewer shards")
+
+
 @dataclass
 class SISAConfig:
     shards: int = 5               # disjoint shards, one constituent model each (paper: 5-20)
@@ -62,13 +67,22 @@ class ShardedUnlearner(ExactUnlearner):
         had = np.bincount(shard_of(had_data.numpy(), m, seed), minlength=m)
         emptied = [j for j in range(m) if had[j] > 0 and live[j] == 0]
         if emptied:
-            return (f"deletes every remaining sample of shard {emptied[0]} (method.shards={m}); a "
-                    f"shard without data has no model to serve: delete fewer samples or use "
-                    f"fewer shards")
+            return _emptied(emptied[0], m)
         never = [j for j in range(m) if had[j] == 0]
         if never and len(had_data):
             return (f"shard {never[0]} holds no training sample (method.shards={m} for "
                     f"{len(had_data)} samples): use fewer shards")
+        return ""
+
+    def partition_problem(self, live_after) -> str:
+        import torch
+
+        m = self.n_shards           # the shard of every row is precomputed: no hashing here
+        live = torch.bincount(self.shard[live_after], minlength=m)
+        had = torch.bincount(self.shard[self.seen], minlength=m)
+        emptied = ((had > 0) & (live == 0)).nonzero().flatten().tolist()
+        if emptied:
+            return _emptied(emptied[0], m)
         return ""
 
     # --- construction -------------------------------------------------------------------

@@ -31,6 +31,9 @@ class LoraOptions:
     rslora: bool = True           # rank-stabilised scaling, as in S3T's code
     target_modules: list = field(default_factory=list)  # [] = every Linear/Conv2d but the head
     resize_to: int = 0            # > 0: resize inputs to this size first (32px CIFAR → 224 ViT)
+    # > 0: first train the whole model this many epochs on the stream's non-deletable public
+    # split (e.g. scenario.public_fraction), then freeze it as the backbone
+    pretrain_epochs: int = 0
 
 
 @lru_cache(maxsize=None)

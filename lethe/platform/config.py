@@ -177,6 +177,7 @@ def load_config(config: str, overrides: list[str] | None = None) -> DictConfig:
     """Load, merge and validate an experiment config. Raises ConfigError with one message."""
     path = resolve_path(config)
     raw = _load_yaml(path)
+    raw.pop("sweep", None)   # a sweep: block is read by `lethe sweep`; one run ignores it
     over = _parse_overrides(list(overrides or []))
     for node_name in COMPONENTS:  # switching `name` on the command line starts a fresh node
         new_name = OmegaConf.select(over, f"{node_name}.name")

@@ -256,6 +256,8 @@ def build_forget_experiences(stream, raw_requests, seed: int) -> dict[int, list]
     pool_exp = pool.exp.numpy()
     row_of = {int(i): r for r, i in enumerate(pool_ids)}
     test_ids = set(stream.test.ids.tolist()) - set(row_of)
+    public = getattr(stream, "public", None)
+    public_ids = set(public.ids.tolist()) if public is not None else set()
     deleted_by = np.full(len(pool_ids), -1, dtype=np.int64)   # request position that deleted a row
     out: dict[int, list] = {}
     order = sorted(range(len(specs)), key=lambda i: specs[i].after)   # stable: YAML order per step
@@ -274,8 +276,11 @@ def build_forget_experiences(stream, raw_requests, seed: int) -> dict[int, list]
             unknown = [v for v in ids if v not in row_of]
             if unknown:
                 in_test = [v for v in unknown if v in test_ids]
+                in_public = [v for v in unknown if v in public_ids]
                 extra = (f"; {_fmt(in_test)} are test samples, which cannot be deleted"
                          if in_test else "")
+                extra += (f"; {_fmt(in_public)} are in the non-deletable public split "
+                          f"(scenario.public_fraction)" if in_public else "")
                 raise _error(f"{where}.ids: unknown sample ids {_fmt(unknown)}: they name no "
                              f"training sample of this stream{extra} (training ids range "
                              f"{int(pool_ids.min())}..{int(pool_ids.max())})")

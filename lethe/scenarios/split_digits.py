@@ -14,6 +14,9 @@ class SplitDigitsConfig:
     class_seed: int = 0           # seed of the class order and of the train/test split
     test_fraction: float = 0.25
     forget_requests: list = field(default_factory=list)  # deletion requests (scenarios/forget.py)
+    # share of the training split held out as non-deletable public data (stream.public, in no
+    # experience): what exact-unlearning methods may pretrain their frozen backbone on
+    public_fraction: float = 0.0
 
 
 @register_scenario("split_digits", config=SplitDigitsConfig,
@@ -31,8 +34,18 @@ def split_digits(cfg, seed: int):
     y = torch.tensor(digits.target, dtype=torch.long)
     ids = torch.arange(len(y))                    # row in load_digits(): stable across runs
     tr, te = stratified_split(digits.target, cfg.test_fraction, cfg.class_seed)
+    public = None
+    if cfg.public_fraction > 0:
+        from lethe.scenarios.types import TestSet
+
+        keep, pub = stratified_split(digits.target[tr], cfg.public_fraction, cfg.class_seed + 1)
+        tr, pub = tr[keep], tr[pub]
+        public = TestSet(x=x[pub], y=y[pub], exp=torch.zeros(len(pub), dtype=torch.long),
+                         task=torch.zeros(len(pub), dtype=torch.long), ids=ids[pub])
     tr, te = torch.as_tensor(tr), torch.as_tensor(te)
     order = seeded_class_order(10, cfg.class_seed, cfg.shuffle_classes)
-    return class_incremental_stream(
+    stream = class_incremental_stream(
         (x[tr], y[tr], ids[tr]), (x[te], y[te], ids[te]), split_classes(order, cfg.n_experiences),
         task_labels=cfg.task_labels, input_shape=(1, 8, 8), n_classes=10)
+    stream.public = public
+    return stream

@@ -55,6 +55,9 @@ class Stream:
     # training samples of the learn experiences as tensors (exp = learn position): the
     # forget/retain pools of deletion requests; None = built on demand (scenarios/forget.py)
     train: TestSet | None = None
+    # non-deletable public training data in no experience (e.g. split_digits.public_fraction):
+    # what a frozen backbone of an exact-unlearning method may be pretrained on
+    public: TestSet | None = None
     # "classification" (x → class logits) | "lm" (x = token blocks [N, L+1]; next-token
     # prediction, evaluated by lethe.metrics.lm.LMEvaluator: held-out loss / perplexity)
     task_type: str = "classification"
