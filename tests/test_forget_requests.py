@@ -74,6 +74,20 @@ def test_slice_skewed_policy_follows_the_slice_weights():
     assert counts[0] > counts[1] > counts[2] and counts[0] > 3 * counts[3]   # default 8:4:2:1
 
 
+def test_pool_rebuilt_from_the_experience_datasets_matches_the_tensor_pool():
+    """Streams without a tensor pool (Avalanche classic benchmarks) get it from their
+    experiences' datasets; on split digits both routes give the same tensors."""
+    from lethe.scenarios.forget import train_pool
+
+    s = stream3()
+    expected = s.train
+    s.train = None
+    rebuilt = train_pool(s)
+    assert s.train is rebuilt
+    for field in ("x", "y", "exp", "task", "ids"):
+        assert torch.equal(getattr(rebuilt, field), getattr(expected, field)), field
+
+
 def test_shard_and_slice_keys_are_stable_and_balanced():
     ids = np.arange(20000)
     shards = shard_of(ids, 5, 0)
