@@ -54,7 +54,7 @@ def test_hf_encoder_reports_missing_folder_and_bad_pooling():
 
 
 def test_random_bert_encoder_builds_without_files():
-    m = hf_encoder(OmegaConf.structured(HFEncoderConfig(path="", hidden=32, layers=1, heads=2)),
+    m = hf_encoder(OmegaConf.structured(HFEncoderConfig(path=None, hidden=32, layers=1, heads=2)),
                    ModelInfo((2, 8), 3))
     assert m(torch.randint(1, 100, (2, 2, 8)).clamp(max=1) * 5).shape == (2, 3)
 

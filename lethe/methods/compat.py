@@ -4,9 +4,10 @@ MUSCLE), and the base class every update method shares.
 Setting (Yan et al., "Positive-Congruent Training", CVPR 2021; Echterhoff et al., "MUSCLE",
 2024): a deployed model f₁ is replaced by a new version f₂ trained on more data and/or with
 another architecture. ``naive_update`` trains f₂ with cross-entropy only, as if f₁ did not
-exist: a run should show an accuracy gain together with a non-zero negative flip rate
-(NFR ≈ 2% for the MLP → CNN update of ``compat_naive_digits``), the figure ``pct`` and
-``muscle`` must lower at a similar accuracy.
+exist: a run should show an accuracy gain together with a non-zero negative flip rate, the
+figure ``pct`` and ``muscle`` must lower at a similar accuracy. Measured on the MLP → CNN
+update of ``compat_naive_digits`` (3 seeds, ``benchmarks/compat_nfr.py``): accuracy
+79.3% → 97.1%, NFR 0.70% ± 0.38% (6 of 899 test images).
 
 An update experience (scenario ``model_update``) carries ``payload = {version, model,
 fraction, epochs, init, n_train}``: the method builds the new version's network (``model``:

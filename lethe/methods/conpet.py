@@ -284,6 +284,23 @@ def _dynamic_model_class():
             self.use(f"expert_{t}")
             return self.experts[t](self.base.features(x))
 
+        def mixed_logits(self, x, experts):
+            """Each row of ``x`` through its own expert in one encoder pass (peft's per-sample
+            ``adapter_names``), then through that expert's head: a list of [n_e, |classes_e|]
+            in the order of ``experts.unique()``."""
+            names = [f"expert_{e}" for e in experts.tolist()]
+
+            def hook(_mod, args, kwargs):
+                return args, {**kwargs, "adapter_names": names}
+
+            handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in self.lora_layers]
+            try:
+                feats = self.base.features(x)
+            finally:
+                for h in handles:
+                    h.remove()
+            return [self.experts[e](feats[experts == e]) for e in experts.unique().tolist()]
+
         def selector_logits(self, x, n_seen: int):
             self.use("selector")
             z = self.selector(self.base.features(x))
@@ -297,14 +314,28 @@ def _dynamic_model_class():
                 return torch.arange(n_seen, device=x.device).expand(b, n_seen)
             return self.selector_logits(x, n_seen).topk(k, dim=1).indices
 
-        def route(self, x, selected, fill: dict | None = None):
-            """Logits [B, n_classes]: each sample's selected experts score their classes; the
-            rest get the null logit. ``fill``: expert → precomputed logits for its rows."""
+        def route(self, x, selected, fill: dict | None = None, live: int | None = None):
+            """Logits [B, n_classes]: each sample's selected experts score their classes, the
+            rest get the null logit. ``fill``: expert → precomputed logits of its rows;
+            ``live``: the expert being trained (its own pass, with gradients); every other
+            expert runs in one shared mixed-adapter pass, so the cost per step does not grow
+            with the number of experts."""
+            fill = fill or {}
             out = torch.full((x.shape[0], self.n_classes), self.null_logit, device=x.device)
-            for t in selected.unique().tolist():
-                rows = (selected == t).any(1).nonzero().flatten()
-                z = fill[t] if fill and t in fill else self.expert_logits(t, x[rows])
-                out[rows.unsqueeze(1), self.classes(t).unsqueeze(0)] = z.to(out.dtype)
+            pairs = [(i, int(e)) for i, row in enumerate(selected.tolist()) for e in row
+                     if e not in fill and e != live]
+            if pairs:
+                rows = torch.tensor([i for i, _ in pairs], device=x.device)
+                experts = torch.tensor([e for _, e in pairs], device=x.device)
+                for e, z in zip(experts.unique().tolist(), self.mixed_logits(x[rows], experts)):
+                    r = rows[experts == e]
+                    out[r.unsqueeze(1), self.classes(e).unsqueeze(0)] = z.to(out.dtype)
+            for e, z in fill.items():
+                r = (selected == e).any(1).nonzero().flatten()
+                out[r.unsqueeze(1), self.classes(e).unsqueeze(0)] = z.to(out.dtype)
+            if live is not None and (selected == live).any():
+                r = (selected == live).any(1).nonzero().flatten()
+                out[r.unsqueeze(1), self.classes(live).unsqueeze(0)] = self.expert_logits(live, x[r]).to(out.dtype)
             return out
 
         def forward(self, x):
@@ -435,20 +466,27 @@ class ConPETDynamic(_ConPETBase):
             hit = (selected == true.unsqueeze(1)).any(1)
             selected = selected.clone()
             selected[~hit, -1] = true[~hit]
+        # old experts: logits of uncached samples in one mixed pass, then all from the cache
+        keys = {}
+        for i, row in enumerate(selected.tolist()):
+            for e in row:
+                if e != t:
+                    keys.setdefault((e, int(ids[i])), i)
+        todo = [(key, i) for key, i in keys.items() if key not in self.cache]
+        if todo:
+            rows = torch.tensor([i for _, i in todo], device=x.device)
+            experts = torch.tensor([key[0] for key, _ in todo], device=x.device)
+            with torch.no_grad(), _eval(net):
+                parts = net.mixed_logits(x[rows], experts)
+            for e, z in zip(experts.unique().tolist(), parts):
+                for (key, _), row in zip([td for td in todo if td[0][0] == e], z.cpu()):
+                    self.cache[key] = row
         fill = {}
         for e in selected.unique().tolist():
-            if e == t:
-                continue
-            rows = (selected == e).any(1).nonzero().flatten()
-            keys = [(e, int(s)) for s in ids[rows].tolist()]
-            todo = [i for i, key in enumerate(keys) if key not in self.cache]
-            if todo:
-                with torch.no_grad(), _eval(net):
-                    z = net.expert_logits(e, x[rows[todo]]).cpu()
-                for i, row in zip(todo, z):
-                    self.cache[keys[i]] = row
-            fill[e] = torch.stack([self.cache[key] for key in keys]).to(x.device)
-        out = net.route(x, selected, fill)   # the current expert runs last, with gradients
+            if e != t:
+                rows = (selected == e).any(1).nonzero().flatten()
+                fill[e] = torch.stack([self.cache[(e, int(s))] for s in ids[rows].tolist()]).to(x.device)
+        out = net.route(x, selected, fill, live=t)   # the current expert: its own pass, with grads
         if not out.requires_grad:            # no sample routed to the current expert
             out = out + 0.0 * sum(p.sum() for p in self.expert_params(t))
         return out

@@ -17,9 +17,12 @@ version has f₂'s architecture. Version 0 (no old model) is trained without an 
 The paper reports up to 40% fewer negative flips (Llama 1 → Llama 2) at the new model's
 accuracy. A run should show a lower NFR than ``naive_update`` with accuracy at least as
 high. The mask only fires where f₂ errs on its *training* data: a network that fits its
-training set perfectly leaves nothing to correct (``muscle/mask_frac`` reports the share of
-adapter-training samples taught by the old model). *(choices)* LoRA on every Linear and
-Conv2d layer, rank 8, α 16; the adapter trains on the version's data with train.lr.
+training set leaves little to correct (``muscle/mask_frac`` reports the share of
+adapter-training samples taught by the old model). On ``compat_muscle_digits`` (3 seeds)
+the mask covers 1.2% of the samples and NFR falls 0.70% → 0.56% at 97.6% accuracy, which is
+what naive_update reaches with the adapter's 5 epochs spent on f₂ instead.
+*(choices)* LoRA on every Linear and Conv2d layer, rank 8, α 16; the adapter trains on the
+version's data with train.lr.
 """
 from __future__ import annotations
 

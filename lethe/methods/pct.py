@@ -11,9 +11,10 @@ Some re-implementations average the L2 form over classes instead (D_l2 / C): tha
 same loss with λ/C. Version 0 (no old model) trains with CE only.
 
 A run should show a lower NFR than ``naive_update`` on the same update at a similar
-accuracy (the paper: ImageNet ResNet-18 → ResNet-50, NFR 4.3% → ~3%). On digits
-(``compat_pct_digits``: MLP on half the data → CNN on all of it) λ is 0.1, because with λ=1
-the distillation from the weaker old model dominates a network of this size.
+accuracy. On digits (``compat_pct_digits``: MLP on half the data → CNN on all of it, 3
+seeds) λ = 0.1 gives NFR 0.33% vs 0.70% for naive_update (−53%) at 97.8% vs 97.1% accuracy;
+the paper's λ = 1 lets the weaker old model's logits dominate this CNN (with a 20-epoch old
+MLP: accuracy −4.8 points, NFR doubled; see the README, "Compatible model updates").
 """
 from __future__ import annotations
 

@@ -28,6 +28,10 @@ from lethe.models.lora import LoraOptions
 from lethe.registry import register_method
 
 
+PRETRAIN_NEEDS_PUBLIC = ("method.lora.pretrain_epochs > 0 needs a non-deletable public split in "
+                         "the stream (e.g. scenario.public_fraction=0.3 for split_digits)")
+
+
 @dataclass
 class RetrainConfig:
     # rank 0: train every parameter of the model; > 0: frozen backbone + LoRA adapters and
@@ -147,8 +151,7 @@ class ExactUnlearner(Method):
 
         public = getattr(self.ctx.stream, "public", None)
         if public is None or len(public.y) == 0:
-            raise ConfigError("method.lora.pretrain_epochs > 0 needs a non-deletable public split "
-                              "in the stream (e.g. scenario.public_fraction=0.3 for split_digits)")
+            raise ConfigError(PRETRAIN_NEEDS_PUBLIC)
         device = self.ctx.device
         model.to(device)
         train_loop(model, [n for n, _ in model.named_parameters()], public.x.to(device),
@@ -290,6 +293,9 @@ class ExactUnlearner(Method):
         from lethe.scenarios.forget import experience_ids, train_pool
 
         cls.validate_config(cfg)
+        public = getattr(stream, "public", None)
+        if int(cfg.lora.pretrain_epochs) > 0 and (public is None or len(public.y) == 0):
+            raise ConfigError(PRETRAIN_NEEDS_PUBLIC)
         pool = train_pool(stream)
         row_of = {int(i): r for r, i in enumerate(pool.ids.tolist())}
         seen = torch.zeros(len(pool.ids), dtype=torch.bool)

