@@ -161,7 +161,7 @@ def test_model_update_config_errors_name_the_key(sc, match):
         build_stream(sc)
 
 
-def test_methods_and_scenarios_must_agree_on_update_experiences(store):
+def test_methods_and_scenarios_must_agree_on_update_experiences():
     with pytest.raises(ConfigError, match="method 'naive' cannot serve update experiences"):
         build_components(load_config("compat_naive_digits", ["method.name=naive"]))
     with pytest.raises(ConfigError, match="method 'pct' cannot serve learn experiences"):

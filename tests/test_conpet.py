@@ -95,6 +95,7 @@ def test_dynamic_old_experts_frozen_bitwise_cached_logits_and_routing():
     assert len(passes) <= 2 * 2 * 6                     # ≤ one shared pass per training step
     stats = m.log_params()
     assert 0.0 <= stats["conpet/selector_acc"] <= 1.0 and "conpet/selector_train_acc" in stats
+    m.model.eval()                       # as the evaluator runs it (no dropout)
     with torch.no_grad():
         logits = m.predict(stream.test.x, stream.test.task)
     scored = logits != -100.0
@@ -104,7 +105,6 @@ def test_dynamic_old_experts_frozen_bitwise_cached_logits_and_routing():
     routed = torch.tensor([owner.index(frozenset(r.nonzero().flatten().tolist())) for r in scored])
     assert (routed == stream.test.exp).float().mean() == pytest.approx(stats["conpet/selector_acc"])
     with torch.no_grad():                # the shared mixed-adapter pass = each expert on its own
-        m.model.eval()
         for e in routed.unique().tolist():
             rows = (routed == e).nonzero().flatten()
             alone = m.model.expert_logits(e, stream.test.x[rows])
