@@ -16,6 +16,8 @@ def test_list_shows_every_registered_component_with_a_doc():
     assert res.returncode == 0
     for kind in registry.KINDS:
         for name, entry in registry.entries(kind).items():
+            if not entry.obj.__module__.startswith("lethe."):
+                continue  # registered by another test module in this process
             assert entry.doc, f"{kind} {name} has no one-line doc"
             assert f"{name}" in res.stdout and entry.doc in res.stdout
     assert "split_digits" in res.stdout.split("presets:")[1]

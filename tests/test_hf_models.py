@@ -91,3 +91,13 @@ def test_causal_lm_loads_a_local_folder_and_checks_vocabulary(tmp_path):
         hf_causal_lm(OmegaConf.structured(HFCausalLMConfig(max_positions=4)), ModelInfo((8,), 40))
     with pytest.raises(ConfigError, match="did you mean 'llama'"):
         hf_causal_lm(OmegaConf.structured(HFCausalLMConfig(arch="lama")), ModelInfo((8,), 40))
+
+
+@pytest.mark.parametrize("preset", ["hft_lm_local", "rewarm_lm_local", "conpet_dynamic_local"])
+def test_realistic_presets_validate_and_name_their_missing_local_paths(preset):
+    from lethe.platform.config import load_config
+    from lethe.platform.runner import build_components
+
+    cfg = load_config(preset)                 # every key is valid for its component
+    with pytest.raises(ConfigError, match=r"scenario\.(paths\[0\]|path|test_path|tokenizer)"):
+        build_components(cfg)                 # the data/model folders do not exist here

@@ -15,8 +15,10 @@ a stage does not grow with the amount of old data.
   task) is trained first every stage on the replay loader; then the new expert is trained.
   Each sample goes to the top-k experts by selector score (k = 1); during training the true
   task's expert is forced into the selection (teacher forcing); classes of unselected
-  experts get the null logit. Old experts' logits and the selector's choices are cached per
-  sample, so a training step costs about the same at task 8 as at task 2.
+  experts get the null logit. Old experts are frozen, so their logits are cached per sample
+  (a finished expert's logits on its task's memory are computed once, when the task ends)
+  and the selector's choices per stage; experts that must still run share one
+  mixed-adapter encoder pass. A training step costs about the same at task 8 as at task 2.
 
 Memory (choice): ``mem_per_class`` random training samples per class, seeded (the paper
 selects them by k-means over features). Both variants need a model with ``features(x)`` and
@@ -314,25 +316,26 @@ def _dynamic_model_class():
                 return torch.arange(n_seen, device=x.device).expand(b, n_seen)
             return self.selector_logits(x, n_seen).topk(k, dim=1).indices
 
-        def route(self, x, selected, fill: dict | None = None, live: int | None = None):
+        def route(self, x, selected, fixed=None, live: int | None = None):
             """Logits [B, n_classes]: each sample's selected experts score their classes, the
-            rest get the null logit. ``fill``: expert → precomputed logits of its rows;
-            ``live``: the expert being trained (its own pass, with gradients); every other
-            expert runs in one shared mixed-adapter pass, so the cost per step does not grow
-            with the number of experts."""
-            fill = fill or {}
+            rest get the null logit. ``fixed``: (rows, classes, values) of precomputed expert
+            logits, written in one indexed assignment (then no other expert runs but ``live``);
+            ``live``: the expert being trained (its own pass, with gradients). Without
+            ``fixed`` every other selected expert runs in one shared mixed-adapter pass, so
+            the cost does not grow with the number of experts."""
             out = torch.full((x.shape[0], self.n_classes), self.null_logit, device=x.device)
-            pairs = [(i, int(e)) for i, row in enumerate(selected.tolist()) for e in row
-                     if e not in fill and e != live]
-            if pairs:
-                rows = torch.tensor([i for i, _ in pairs], device=x.device)
-                experts = torch.tensor([e for _, e in pairs], device=x.device)
-                for e, z in zip(experts.unique().tolist(), self.mixed_logits(x[rows], experts)):
-                    r = rows[experts == e]
-                    out[r.unsqueeze(1), self.classes(e).unsqueeze(0)] = z.to(out.dtype)
-            for e, z in fill.items():
-                r = (selected == e).any(1).nonzero().flatten()
-                out[r.unsqueeze(1), self.classes(e).unsqueeze(0)] = z.to(out.dtype)
+            if fixed is not None:
+                rows, cols, vals = fixed
+                if len(rows):
+                    out[rows, cols] = vals.to(out.dtype)
+            else:
+                pairs = [(i, int(e)) for i, row in enumerate(selected.tolist()) for e in row if e != live]
+                if pairs:
+                    rows = torch.tensor([i for i, _ in pairs], device=x.device)
+                    experts = torch.tensor([e for _, e in pairs], device=x.device)
+                    for e, z in zip(experts.unique().tolist(), self.mixed_logits(x[rows], experts)):
+                        r = rows[experts == e]
+                        out[r.unsqueeze(1), self.classes(e).unsqueeze(0)] = z.to(out.dtype)
             if live is not None and (selected == live).any():
                 r = (selected == live).any(1).nonzero().flatten()
                 out[r.unsqueeze(1), self.classes(live).unsqueeze(0)] = self.expert_logits(live, x[r]).to(out.dtype)
@@ -354,6 +357,7 @@ class ConPETDynamic(_ConPETBase):
     name = "conpet_dynamic"
 
     def setup(self, model):
+        import torch
         from peft import LoraConfig, inject_adapter_in_model
 
         from lethe.models.lora import lora_targets
@@ -378,8 +382,11 @@ class ConPETDynamic(_ConPETBase):
         net.requires_grad_(False)
         for p in net.experts[0].parameters():   # the template's optimizer needs a non-empty
             p.requires_grad_(True)              # list at build time (Avalanche then adds all)
-        self.cache: dict = {}            # (expert, sample id) → logits; "sel", id → experts
+        self.cache: dict = {}            # (expert, sample id) → logits of a frozen expert: valid
+                                         # for good, kept across stages (checkpointed)
+        self.sel_cache: dict = {}        # sample id → selected experts (this stage's selector)
         self.selector_train_acc: float | None = None
+        self.class_tensors = [torch.as_tensor(c, dtype=torch.long) for c in self.task_classes]
         return net
 
     # --- parameters of one expert / the selector ----------------------------------------
@@ -402,7 +409,7 @@ class ConPETDynamic(_ConPETBase):
     # --- the stage ----------------------------------------------------------------------
     def before_training_exp(self, strategy, **kwargs):
         super().before_training_exp(strategy)
-        self.cache = {}
+        self.sel_cache = {}
         t = self.position
         if t >= 1:
             self.train_selector(t)
@@ -445,14 +452,14 @@ class ConPETDynamic(_ConPETBase):
         net, k = self.model, int(self.cfg.topk)
         if k >= t + 1:
             return net.select(x, t + 1, k)
-        missing = [i for i, s in enumerate(ids.tolist()) if ("sel", s) not in self.cache]
+        missing = [i for i, s in enumerate(ids.tolist()) if s not in self.sel_cache]
         if missing:
             rows = torch.tensor(missing, device=x.device)
             with torch.no_grad(), _eval(net):
                 picks = net.select(x[rows], t + 1, k).cpu()
             for i, p in zip(missing, picks):
-                self.cache[("sel", int(ids[i]))] = p
-        return torch.stack([self.cache[("sel", int(s))] for s in ids.tolist()]).to(x.device)
+                self.sel_cache[int(ids[i])] = p
+        return torch.stack([self.sel_cache[int(s)] for s in ids.tolist()]).to(x.device)
 
     def train_forward(self, strategy):
         """Training logits: cached old experts + the current expert, null logit elsewhere."""
@@ -460,33 +467,41 @@ class ConPETDynamic(_ConPETBase):
 
         net, t = self.model, self.position
         x, y, ids = strategy.mb_x, strategy.mb_y, strategy.mbatch[2]
-        selected = self._selected(x, ids, t)
+        if self.cfg.teacher_forcing and self.cfg.topk == 1 and t >= 1:
+            # top-1 with teacher forcing always ends at the true expert: the selector's pick
+            # would be overwritten, so it is not computed (same logits, less work)
+            selected = self.class_task.to(x.device)[y].unsqueeze(1)
+        else:
+            selected = self._selected(x, ids, t)
         if self.cfg.teacher_forcing:
             true = self.class_task.to(x.device)[y]
             hit = (selected == true.unsqueeze(1)).any(1)
             selected = selected.clone()
             selected[~hit, -1] = true[~hit]
-        # old experts: logits of uncached samples in one mixed pass, then all from the cache
-        keys = {}
-        for i, row in enumerate(selected.tolist()):
-            for e in row:
-                if e != t:
-                    keys.setdefault((e, int(ids[i])), i)
-        todo = [(key, i) for key, i in keys.items() if key not in self.cache]
+        # old experts: logits of uncached samples in one mixed pass, then all from the cache,
+        # assembled into (row, class, value) triples: no per-expert work in the step
+        id_list = ids.tolist()
+        pairs = [(i, e) for i, row in enumerate(selected.tolist()) for e in row if e != t]
+        keys = [(e, int(id_list[i])) for i, e in pairs]
+        todo = {}
+        for key, (i, _) in zip(keys, pairs):
+            if key not in self.cache:
+                todo.setdefault(key, i)
         if todo:
-            rows = torch.tensor([i for _, i in todo], device=x.device)
-            experts = torch.tensor([key[0] for key, _ in todo], device=x.device)
+            rows = torch.tensor(list(todo.values()), device=x.device)
+            experts = torch.tensor([key[0] for key in todo], device=x.device)
             with torch.no_grad(), _eval(net):
                 parts = net.mixed_logits(x[rows], experts)
             for e, z in zip(experts.unique().tolist(), parts):
-                for (key, _), row in zip([td for td in todo if td[0][0] == e], z.cpu()):
+                for key, row in zip([k for k in todo if k[0] == e], z.cpu()):
                     self.cache[key] = row
-        fill = {}
-        for e in selected.unique().tolist():
-            if e != t:
-                rows = (selected == e).any(1).nonzero().flatten()
-                fill[e] = torch.stack([self.cache[(e, int(s))] for s in ids[rows].tolist()]).to(x.device)
-        out = net.route(x, selected, fill, live=t)   # the current expert: its own pass, with grads
+        fixed = None
+        if pairs:
+            sizes = [len(self.task_classes[e]) for _, e in pairs]
+            fixed = (torch.tensor([i for (i, _), n in zip(pairs, sizes) for _ in range(n)], device=x.device),
+                     torch.cat([self.class_tensors[e] for _, e in pairs]).to(x.device),
+                     torch.cat([self.cache[k] for k in keys]).to(x.device))
+        out = net.route(x, selected, fixed, live=t)   # the current expert: its own pass, with grads
         if not out.requires_grad:            # no sample routed to the current expert
             out = out + 0.0 * sum(p.sum() for p in self.expert_params(t))
         return out
@@ -509,7 +524,21 @@ class ConPETDynamic(_ConPETBase):
         self.model.requires_grad_(False)   # the finished expert is frozen for good
         self.model.trainable = []
         self.model.n_seen = len(self.learned)
-        self.cache = {}
+        self.sel_cache = {}
+        self._cache_memory_logits(self.position)
+
+    def _cache_memory_logits(self, t: int) -> None:
+        """The finished expert's logits on its task's memory, once: replayed samples of task t
+        never need expert t's forward again (it is frozen), whatever the number of tasks."""
+        import torch
+
+        rows = self.memory[t]
+        with torch.no_grad(), _eval(self.model):
+            for s in range(0, len(rows), 256):
+                r = rows[s:s + 256]
+                z = self.model.expert_logits(t, self.pool.x[r].to(self.ctx.device)).cpu()
+                for i, row in zip(self.pool.ids[r].tolist(), z):
+                    self.cache[(t, int(i))] = row
 
     # --- inference and logging ----------------------------------------------------------
     def predict(self, x, task_ids):
@@ -543,9 +572,22 @@ class ConPETDynamic(_ConPETBase):
             out["conpet/selector_train_acc"] = self.selector_train_acc
         return out
 
+    def extra_state(self) -> dict:
+        import torch
+
+        keys = sorted(self.cache)
+        by_expert = {}
+        for e in sorted({k[0] for k in keys}):
+            ks = [k for k in keys if k[0] == e]
+            by_expert[int(e)] = {"ids": torch.tensor([k[1] for k in ks], dtype=torch.long),
+                                 "logits": torch.stack([self.cache[k] for k in ks])}
+        return super().extra_state() | {"logit_cache": by_expert}
+
     def load_extra_state(self, state: dict) -> None:
         super().load_extra_state(state)
         self.model.n_seen = len(self.learned)
+        self.cache = {(int(e), int(i)): row for e, d in state.get("logit_cache", {}).items()
+                      for i, row in zip(d["ids"].tolist(), d["logits"])}
 
 
 class _eval:

@@ -45,6 +45,11 @@ def muscle_loss(compat_logits, new_logits, old_logits, targets, temperature: flo
     import torch.nn.functional as F
 
     new_logits, old_logits = new_logits.detach(), old_logits.detach()
+    if compat_logits.dim() == 3:   # LM logits [B, V, L] (lethe/models/hf.py): one target per token
+        def tokens(z):
+            return z.transpose(1, 2).reshape(-1, z.shape[1])
+        compat_logits, new_logits, old_logits = map(tokens, (compat_logits, new_logits, old_logits))
+        targets = targets.reshape(-1)
     mask = new_logits.argmax(-1) != targets
     teacher = torch.where(mask.unsqueeze(-1), old_logits, new_logits)
     T = float(temperature)

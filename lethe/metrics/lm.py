@@ -15,6 +15,16 @@ extends) and keeps
   ``exp(L)`` follow. Forgetting on a corpus stream is a *rise* in loss on earlier corpora:
   ``forgetting/loss_avg = mean_{j<i} (L[i, j] − min_{l<i} L[l, j])``.
 
+Exact match: a held-out block is an exact match when the model's next-token predictions
+over its last ``em_tokens`` positions (default 4) are all right — with teacher forcing that is
+exactly "greedy decoding continues the block's prefix with the reference" (if every step is
+right, each greedy step sees the reference prefix). ``em/exp_<j>`` is the exact-match rate per
+corpus. On model-update streams (store rows ``update:<k>``) negative flips are counted on
+exact match (``em_nfr``: the older version matched, the new one does not) and as score drops
+of a continuous per-block score, the continuation's token accuracy (``sdf``: the new score is
+lower than the old one by more than ``score_drop``, default 0), against the previous version
+and every earlier one, next to the token-level flips of :mod:`lethe.metrics.compat`.
+
 Models return logits ``[B, V, L]`` (class dimension second, see lethe/models/hf.py).
 """
 from __future__ import annotations
@@ -55,7 +65,8 @@ class LMEvaluator(Evaluator):
     """Batched held-out evaluation of next-token prediction on every corpus of a stream."""
 
     def __init__(self, test, device: torch.device | str = "cpu", batch_size: int = 0,
-                 amp: bool = False, n_classes: int | None = None):
+                 amp: bool = False, n_classes: int | None = None, em_tokens: int = 4,
+                 score_drop: float = 0.0):
         from lethe.scenarios.types import TestSet
 
         blocks = test.x.long()
@@ -66,6 +77,8 @@ class LMEvaluator(Evaluator):
         super().__init__(inputs, device, batch_size, amp, n_classes or int(blocks.max()) + 1)
         n, L = blocks[:, 1:].shape
         self.block_len = L
+        self.em_tokens = max(1, min(int(em_tokens), L))
+        self.score_drop = float(score_drop)
         self.y = _to_device(blocks[:, 1:].contiguous(), self.device)
         self.block_exp = _to_device(test.exp.long(), self.device)
         self.block_tokens = torch.full((n,), L, dtype=torch.long, device=self.device)
@@ -151,6 +164,53 @@ class LMEvaluator(Evaluator):
             last = len(self.store) - 1
             hist = rows if rows[-1] == last else rows + [last]
             out["forgetting/loss_avg"] = loss_forgetting(L[hist], len(hist) - 1)
+        em = self.exact_match()
+        for j, v in enumerate(self.per_corpus(em[-1].double()).tolist()):
+            out[f"em/exp_{j}"] = v
+        out.update(self.update_flips())
+        return out
+
+    # --- exact match and flips of continuous scores ---------------------------------------
+    def continuation_hits(self) -> torch.Tensor:
+        """[P, N] bool per (evaluation point, block, last em_tokens positions)."""
+        n = len(self.block_exp)
+        preds = self.store.preds.reshape(len(self.store), n, self.block_len)[..., -self.em_tokens:]
+        return preds == self.y[:, -self.em_tokens:].unsqueeze(0)
+
+    def exact_match(self) -> torch.Tensor:
+        """[P, N] bool: the block's last em_tokens predictions are all right."""
+        return self.continuation_hits().all(-1)
+
+    def continuation_score(self) -> torch.Tensor:
+        """[P, N] float: token accuracy over the block's last em_tokens positions."""
+        return self.continuation_hits().double().mean(-1)
+
+    def per_corpus(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean of a per-block value [N] per corpus [E]."""
+        sums = torch.zeros(self.n_experiences, dtype=torch.float64, device=values.device)
+        sums.index_add_(0, self.block_exp, values.double())
+        counts = torch.bincount(self.block_exp, minlength=self.n_experiences).double()
+        return (sums / counts.clamp(min=1)).cpu()
+
+    def update_flips(self) -> dict[str, float]:
+        """Exact-match flips and score-drop flips of the newest model version vs every earlier
+        one (empty unless the newest row is a version 'update:<k>' with a predecessor)."""
+        from lethe.metrics.compat import version_rows
+
+        rows = version_rows(self.store.labels)
+        if len(rows) < 2 or rows[-1] != len(self.store) - 1:
+            return {}
+        em, score = self.exact_match(), self.continuation_score()
+        new_em, new_score = em[rows[-1]], score[rows[-1]]
+        out = {"em/version": float(new_em.double().mean())}
+        for k, r in enumerate(rows[:-1]):
+            names = [f"v{k}"] + (["prev"] if k == len(rows) - 2 else [])
+            neg = (em[r] & ~new_em).double().mean()
+            pos = (~em[r] & new_em).double().mean()
+            drop = (new_score < score[r] - self.score_drop).double().mean()
+            for name in names:
+                out.update({f"em_nfr/{name}": float(neg), f"em_pfr/{name}": float(pos),
+                            f"sdf/{name}": float(drop)})
         return out
 
     # --- checkpoints and artifacts ------------------------------------------------------

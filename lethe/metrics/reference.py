@@ -139,6 +139,10 @@ METRICS: tuple[MetricDoc, ...] = (
               "—", "Chowdhury et al., S3T, ICLR 2025"),
     MetricDoc("unlearn/live_seq/shard_<j>", "S3T sequences of shard j with a non-empty prefix",
               "—", "Chowdhury et al., S3T, ICLR 2025"),
+    MetricDoc("mos/stored_adapter_bytes", "bytes of the adapter copies MOS stores (one per task)",
+              "storage cost", "Sun et al., MOS, AAAI 2025"),
+    MetricDoc("mos/class_statistics_bytes", "bytes of the per-class Gaussian statistics (means, covariances)",
+              "storage cost", "Sun et al., MOS, AAAI 2025"),
     MetricDoc("time/train_s", "wall seconds serving the experience (train / unlearn / update)", "—", "—"),
     MetricDoc("time/eval_s", "wall seconds of the batched evaluation after the experience", "—", "—"),
 )

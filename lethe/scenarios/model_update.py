@@ -137,4 +137,5 @@ def model_update(cfg, seed: int):
         experiences.append(Experience(index=k, kind=UPDATE, train=exp, payload=payload))
     return Stream(experiences=experiences, benchmark=bm, test=test,
                   input_shape=tuple(source.input_shape), n_classes=source.n_classes,
-                  setting=source.setting, class_order=list(source.class_order))
+                  setting=source.setting, class_order=list(source.class_order),
+                  task_type=getattr(source, "task_type", "classification"))  # LM sources: LMEvaluator
