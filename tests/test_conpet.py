@@ -10,7 +10,7 @@ import torch
 
 from conftest import mlflow_client
 from lethe.methods.base import MethodContext
-from lethe.methods.conpet import ConPETDynamic, ConPETStatic, DynamicReplaySampler
+from lethe.methods.conpet import DynamicReplaySampler
 from lethe.platform.config import load_config
 from lethe.platform.errors import ConfigError
 from lethe.platform.runner import build_components, run_experiment
@@ -139,3 +139,31 @@ def test_dynamic_on_pretrained_minilm_logs_selector_accuracy_and_keeps_old_tasks
     assert [m.step for m in hist] == [1, 2]
     assert hist[-1].value > 0.6                                    # chance: 1/3
     assert res.final["acc/avg_seen"] > 0.6 and res.final["forgetting/avg"] < 0.3
+
+
+@pytest.mark.integration
+def test_dynamic_run_resumes_to_the_same_numbers(store, tmp_path, monkeypatch):
+    """Interrupted after task 2's checkpoint, resumed: memory, frozen experts and the logit
+    cache come back from the checkpoint and the run ends where the uninterrupted one does."""
+    from lethe.metrics.evaluator import Evaluator
+
+    full = run_experiment(load_config("conpet_dynamic_text", TINY + store["overrides"]))
+    cfg = load_config("conpet_dynamic_text", TINY + store["overrides"] + [f"checkpoint.dir={tmp_path / 'b'}"])
+    real, calls = Evaluator.evaluate, []
+
+    def interrupted(self, fn, label, model=None):
+        calls.append(label)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(self, fn, label, model)
+
+    monkeypatch.setattr(Evaluator, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg)
+    resumed = run_experiment(cfg, resume=True)
+    assert calls[-2:] == ["learn:2", "learn:2"]
+    for key in ("acc/exp_0", "acc/exp_1", "acc/exp_2", "conpet/selector_acc"):
+        assert resumed.final[key] == pytest.approx(full.final[key], abs=1e-9), key
+    a = torch.load(full.checkpoint_dir / "state.pt", weights_only=True)["method"]["model"]
+    b = torch.load(resumed.checkpoint_dir / "state.pt", weights_only=True)["method"]["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)   # every expert, bitwise

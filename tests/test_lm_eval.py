@@ -116,3 +116,45 @@ def test_rewarming_with_quarter_replay_forgets_the_first_corpus_less(store):
     replay, none = runs[0.25].final, runs[0.0].final
     assert replay["loss/exp_0"] < none["loss/exp_0"] - 0.1
     assert replay["forgetting/loss_avg"] < none["forgetting/loss_avg"]
+
+
+def test_exact_match_equals_greedy_decoding_of_the_continuation():
+    """EM from teacher-forced argmax over a block's last 4 targets = greedy generation of those
+    4 tokens from the block's prefix reproduces them (checked with HF's own generate)."""
+    s = lm_corpora(OmegaConf.structured(LMCorporaConfig(markov_corpora=1, markov_tokens=4000,
+                                                        markov_vocab=16, markov_concentration=0.03,
+                                                        block_size=12)), 0)
+    torch.manual_seed(0)
+    model = hf_causal_lm(OmegaConf.structured(HFCausalLMConfig(arch="llama")), ModelInfo((12,), s.n_classes))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    for step in range(80):                     # a few steps: some continuations become right
+        b = s.train.x[torch.randint(len(s.train.x), (32,))]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(b[:, :-1]), b[:, 1:]).backward()
+        opt.step()
+    model.eval()
+    ev = LMEvaluator(s.test, "cpu", 0, False, s.n_classes, em_tokens=4)
+    ev.evaluate(lambda x, t: model(x), "learn:0", model)
+    em = ev.exact_match()[0]
+    with torch.no_grad():
+        gen = model.lm.generate(s.test.x[:, :-4], max_new_tokens=4, do_sample=False,
+                                attention_mask=torch.ones_like(s.test.x[:, :-4]), pad_token_id=0)
+    ref = (gen[:, -4:] == s.test.x[:, -4:]).all(1)
+    assert 0 < int(ref.sum()) < len(ref)
+    assert torch.equal(em, ref)
+    assert ev.step_metrics(1)["em/exp_0"] == pytest.approx(float(ref.double().mean()))
+
+
+@pytest.mark.integration
+def test_muscle_on_a_tiny_lm_update_has_fewer_exact_match_negative_flips(store):
+    """v0 (half the corpus) → v1 (all of it), same seeds: MUSCLE's compatibility adapter with
+    token-level masked distillation flips fewer exact matches than the naive update, at no
+    loss of token accuracy."""
+    for seed in (0, 1):
+        over = store["overrides"] + ["device=cpu", f"seed={seed}"]
+        muscle = run_experiment(load_config("muscle_lm_update", over)).final
+        naive = run_experiment(load_config("muscle_lm_update", over + ["method.name=naive_update"])).final
+        assert muscle["em_nfr/prev"] < naive["em_nfr/prev"]
+        assert muscle["sdf/prev"] < naive["sdf/prev"]
+        assert muscle["acc/version"] > naive["acc/version"] - 0.01
+        assert 0 < muscle["muscle/mask_frac"] < 1          # token-level mask: both teachers used

@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 
 from lethe.models.hf import load_tokenizer, minilm_path
 from lethe.platform.errors import ConfigError
-from lethe.scenarios.lm_corpora import (LMCorporaConfig, lm_corpora, markov_corpora, pack,
-                                        split_documents, WordTokenizer)
+from lethe.scenarios.lm_corpora import (LMCorporaConfig, WordTokenizer, lm_corpora, markov_corpora,
+                                        pack, split_documents)
 from lethe.scenarios.text import TextClassificationConfig, text_classification
 
 LABELS = ["bird", "fish", "tree", "rock"]

@@ -154,7 +154,7 @@ class _ConPETBase(Method):
         import torch
 
         t, b = self.position, int(self.ctx.train.batch_size)
-        new_rows = (self.pool.exp == t).nonzero().flatten()
+        new_rows = self.new_rows
         old = [self.memory[k] for k in sorted(self.memory) if k < t]
         seed = _mix(self.ctx.seed, t, seed_tag)
         if not old:
@@ -174,7 +174,7 @@ class _ConPETBase(Method):
         import torch
 
         g = torch.Generator().manual_seed(_mix(self.ctx.seed, t, 99))
-        rows = (self.pool.exp == t).nonzero().flatten()
+        rows = self.new_rows
         keep = []
         for c in self.task_classes[t]:
             r = rows[self.pool.y[rows] == c]
@@ -188,6 +188,15 @@ class _ConPETBase(Method):
         self._remember(self.position)
 
     def before_training_exp(self, strategy, **kwargs):
+        import torch
+
+        # the experience's training rows; a validation split (eval.every_*) has already been
+        # carved out of the template's dataset, so only the samples it kept are used
+        rows = (self.pool.exp == self.position).nonzero().flatten()
+        kept = getattr(strategy.adapted_dataset, "sample_id", None)
+        if kept is not None:
+            rows = rows[torch.isin(self.pool.ids[rows], torch.as_tensor(list(kept), dtype=torch.long))]
+        self.new_rows = rows
         strategy.dataloader = self.stage_loader()
 
     # --- checkpoints --------------------------------------------------------------------

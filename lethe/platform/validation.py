@@ -66,7 +66,8 @@ class ValidationPlugin:
         with torch.inference_mode():
             logits = self.predict(self.x, self.t)
             loss = torch.nn.functional.cross_entropy(logits.float(), self.y).item()
-            acc = (logits.argmax(-1) == self.y).float().mean().item()
+            # class dimension 1: [B, C] logits, or LM logits [B, V, L] against targets [B, L]
+            acc = (logits.argmax(1) == self.y).float().mean().item()
         model.train(was_training)
         step = strategy.clock.train_iterations + 1
         self.tracker.log_metrics({"val/acc": acc, "val/loss": loss}, step=step)
