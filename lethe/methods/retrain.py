@@ -20,6 +20,8 @@ deletion is measured without per-call template overhead, which would flatter S3T
 """
 from __future__ import annotations
 
+import abc
+
 import time
 from dataclasses import dataclass, field
 
@@ -90,7 +92,7 @@ def train_loop(model, names: list[str], x, y, train, epochs: int, seed: int, lab
     return n * epochs
 
 
-class ExactUnlearner(Method):
+class ExactUnlearner(Method, abc.ABC):
     """Base of the exact-unlearning methods (retrain, sisa, s3t)."""
 
     name = "exact"
@@ -267,13 +269,13 @@ class ExactUnlearner(Method):
         return {k: float(v) for k, v in self.stats.items() if k in keep or "/" in k}
 
     # --- subclass hooks -----------------------------------------------------------------
+    @abc.abstractmethod
     def train_live(self) -> int:
         """(Re)train on the live data after a learn experience; returns samples processed."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def forget_rows(self, rows) -> int:
         """Apply a validated deletion; returns samples processed to serve it."""
-        raise NotImplementedError
 
     @classmethod
     def partition_problem_of(cls, cfg, live_ids, had_data, seed: int) -> str:

@@ -133,10 +133,10 @@ class LMEvaluator(Evaluator):
         return preds
 
     def predict(self, predict_fn, model=None):  # the token-level pass is evaluate()
-        raise NotImplementedError("LMEvaluator: use evaluate(predict_fn, label, model)")
+        raise TypeError("LMEvaluator has no argmax-only pass: use evaluate(predict_fn, label, model)")
 
     def predict_many(self, models):
-        raise NotImplementedError("LMEvaluator evaluates one model per pass")
+        raise TypeError("LMEvaluator evaluates one model per pass")
 
     # --- metrics ------------------------------------------------------------------------
     def loss_matrix(self) -> torch.Tensor:
