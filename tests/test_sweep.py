@@ -234,3 +234,30 @@ def test_an_interrupted_local_sweep_resumes_its_members_from_their_checkpoints(t
     assert f"resumed run {run_id} at experience {done}/3" in log
     steps = {m.step for m in client.get_metric_history(run_id, "acc/avg_seen")}
     assert steps == {0, 1, 2}
+
+
+@pytest.mark.integration
+def test_sweep_seeds_log_mean_std_ci_on_the_parent(tmp_path):
+    import numpy as np
+    from scipy import stats
+
+    res = lethe("sweep", ROOT / "conf" / "split_digits.yaml", "--seeds", "2",
+                "--grid", "method.mem_size=20,50", "tracking.experiment=s", *store(tmp_path), *SMALL,
+                cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    client, parents, children = _runs(tmp_path)
+    metrics = parents[0].data.metrics
+    assert len(children) == 4
+    groups = {}
+    for child in children:
+        groups.setdefault(child.data.params["method.mem_size"], []).append(child.data.metrics)
+    text = open(client.download_artifacts(parents[0].info.run_id, "seed_groups.txt", str(tmp_path))).read()
+    for line in text.strip().splitlines():        # "g0: 2 seeds, {'method.mem_size': '20'}"
+        prefix = line.split(":", 1)[0]
+        mem = line.split("'method.mem_size': '")[1].split("'")[0]
+        values = np.array([m["acc/avg_seen"] for m in groups[mem]])
+        assert metrics[f"{prefix}/acc/avg_seen/mean"] == pytest.approx(values.mean(), abs=1e-12)
+        assert metrics[f"{prefix}/acc/avg_seen/std"] == pytest.approx(values.std(ddof=1), abs=1e-12)
+        half = stats.t.ppf(0.975, 1) * values.std(ddof=1) / np.sqrt(2)
+        assert metrics[f"{prefix}/acc/avg_seen/ci95"] == pytest.approx(half, abs=1e-12)
+    assert len(text.strip().splitlines()) == 2

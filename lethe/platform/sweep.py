@@ -802,6 +802,37 @@ def format_status(state: dict, rows: list[MemberStatus]) -> str:
     return "\n".join(lines)
 
 
+def _log_seed_aggregates(client, parent: str, run_ids: list[str]) -> None:
+    """mean / std / 95% CI over the seeds of each grid point, on the parent run.
+
+    One grid point: ``<metric>/mean`` etc.; several: ``g<i>/<metric>/mean`` with the grid
+    values of g<i> in the parent's ``seed_groups.txt`` artifact.
+    """
+    from mlflow.entities import Metric
+
+    from lethe.platform.seeds import aggregate_finals
+
+    groups: dict[tuple, list] = {}
+    for run_id in run_ids:
+        run = client.get_run(run_id)
+        key = tuple(sorted((k, v) for k, v in run.data.params.items()
+                           if k not in ("seed", "tracking.run_name")))   # the name carries the seed
+        groups.setdefault(key, []).append(run.data.metrics)
+    groups = {k: v for k, v in groups.items() if len(v) > 1}
+    if not groups:
+        return
+    ts, metrics, lines = int(time.time() * 1000), [], []
+    for i, (key, finals) in enumerate(sorted(groups.items())):
+        prefix = "" if len(groups) == 1 else f"g{i}/"
+        for name, value in aggregate_finals(finals).items():
+            metrics.append(Metric(prefix + name, value, ts, 0))
+        varying = {k: v for k, v in key if any(dict(other).get(k) != v for other in groups)}
+        lines.append(f"{prefix.rstrip('/') or 'all'}: {len(finals)} seeds, {varying or 'single grid point'}")
+    for i in range(0, len(metrics), 500):
+        client.log_batch(parent, metrics=metrics[i:i + 500])
+    client.log_text(parent, "\n".join(lines) + "\n", "seed_groups.txt")
+
+
 def finalize(sweep_dir: Path, out=None) -> dict:
     """End the parent run (FINISHED only when every member FINISHED), log member counts, and
     write + log the comparison page of the members."""
@@ -817,6 +848,7 @@ def finalize(sweep_dir: Path, out=None) -> dict:
     client.log_batch(parent, metrics=[Metric(f"sweep/{k.lower()}", float(v), ts, 0)
                                       for k, v in counts.items()]
                      + [Metric("sweep/members", float(len(rows)), ts, 0)])
+    _log_seed_aggregates(client, parent, [r.run_id for r in rows if r.state == "FINISHED" and r.run_id])
     run_ids = [r.run_id for r in rows if r.run_id]
     if run_ids:
         from lethe.dashboards.compare import write_compare
