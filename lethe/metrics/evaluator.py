@@ -219,33 +219,41 @@ class Evaluator:
             return torch.autocast("cuda", dtype=self.amp_dtype)
         return nullcontext()
 
-    def _run(self, fn: PredictFn, bs: int) -> torch.Tensor:
-        """argmax of fn over the preloaded data in batches of ``bs``: [..., N] int64.
+    def _with_oom_retry(self, attempt, bs: int):
+        """``attempt(bs)``; on CUDA out-of-memory halve the batch and restart the pass.
 
-        On CUDA out-of-memory the batch is halved and the pass restarted; the smaller size
-        is kept for the next passes (returned through ``self._last_bs``).
+        The size that worked is kept for the next passes (``self._last_bs``).
         """
-        n = len(self.x)
         while True:
             try:
-                out = None
-                with torch.inference_mode(), self._autocast():
-                    for s in range(0, n, bs):
-                        p = _logits(fn(self.x[s:s + bs], self.task[s:s + bs])).argmax(-1)
-                        if out is None:   # [N] for one model, [M, N] for a vmapped stack
-                            out = torch.empty((*p.shape[:-1], n), dtype=torch.long, device=p.device)
-                        out[..., s:s + bs] = p
+                result = attempt(bs)
                 self._last_bs = bs
-                if out is None:
-                    return torch.empty(0, dtype=torch.long, device=self.device)
-                # a normal tensor, not an inference tensor: users may edit rows in place
-                return out.clone()
+                return result
             except torch.OutOfMemoryError:
                 if bs == 1:
                     raise
                 bs = max(1, bs // 2)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+
+    def _run(self, fn: PredictFn, bs: int) -> torch.Tensor:
+        """argmax of fn over the preloaded data in batches of ``bs``: [..., N] int64."""
+        n = len(self.x)
+
+        def attempt(bs: int) -> torch.Tensor:
+            out = None
+            with torch.inference_mode(), self._autocast():
+                for s in range(0, n, bs):
+                    p = _logits(fn(self.x[s:s + bs], self.task[s:s + bs])).argmax(-1)
+                    if out is None:   # [N] for one model, [M, N] for a vmapped stack
+                        out = torch.empty((*p.shape[:-1], n), dtype=torch.long, device=p.device)
+                    out[..., s:s + bs] = p
+            if out is None:
+                return torch.empty(0, dtype=torch.long, device=self.device)
+            # a normal tensor, not an inference tensor: users may edit rows in place
+            return out.clone()
+
+        return self._with_oom_retry(attempt, bs)
 
     def predict(self, predict_fn: PredictFn, model: torch.nn.Module | None = None) -> torch.Tensor:
         """[N] predictions of one model (``model`` is put in eval mode for the pass)."""

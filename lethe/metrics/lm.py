@@ -92,28 +92,23 @@ class LMEvaluator(Evaluator):
     # --- passes -------------------------------------------------------------------------
     def _run_lm(self, fn, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(self.x)
-        while True:
-            try:
-                preds = torch.empty(self.y.shape, dtype=torch.long, device=self.device)
-                loss = torch.empty(n, dtype=torch.float64, device=self.device)
-                with torch.inference_mode(), self._autocast():
-                    for s in range(0, n, bs):
-                        logits = _logits(fn(self.x[s:s + bs], self.task[s:s + bs]))
-                        if logits.dim() != 3 or logits.shape[-1] != self.block_len:
-                            from lethe.platform.errors import RunError
 
-                            raise RunError(f"an LM must return logits [batch, vocab, {self.block_len}]; "
-                                           f"got {tuple(logits.shape)} (use model.name=hf_causal_lm)")
-                        preds[s:s + bs] = logits.argmax(1)
-                        loss[s:s + bs] = next_token_nll(logits, self.y[s:s + bs]).sum(1).double()
-                self._last_bs = bs
-                return preds, loss
-            except torch.OutOfMemoryError:
-                if bs == 1:
-                    raise
-                bs = max(1, bs // 2)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+        def attempt(bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+            preds = torch.empty(self.y.shape, dtype=torch.long, device=self.device)
+            loss = torch.empty(n, dtype=torch.float64, device=self.device)
+            with torch.inference_mode(), self._autocast():
+                for s in range(0, n, bs):
+                    logits = _logits(fn(self.x[s:s + bs], self.task[s:s + bs]))
+                    if logits.dim() != 3 or logits.shape[-1] != self.block_len:
+                        from lethe.platform.errors import RunError
+
+                        raise RunError(f"an LM must return logits [batch, vocab, {self.block_len}]; "
+                                       f"got {tuple(logits.shape)} (use model.name=hf_causal_lm)")
+                    preds[s:s + bs] = logits.argmax(1)
+                    loss[s:s + bs] = next_token_nll(logits, self.y[s:s + bs]).sum(1).double()
+            return preds, loss
+
+        return self._with_oom_retry(attempt, bs)
 
     def evaluate(self, predict_fn, label: str, model: torch.nn.Module | None = None) -> torch.Tensor:
         """One pass: token predictions into the store, block losses into the loss history."""
