@@ -215,13 +215,19 @@ class Runner:
                             plugins=plugins,
                             evaluator=make_avalanche_evaluator(tracker, cfg.train.log_every_iter))
         method = method_entry.obj(cfg.method, model, ctx)
-        lm = getattr(stream, "task_type", "classification") == "lm"
-        if lm:   # corpus streams: held-out loss / perplexity per corpus (metrics/lm.py)
+        task_type = getattr(stream, "task_type", "classification")
+        if task_type == "lm":   # corpus streams: held-out loss / perplexity per corpus (metrics/lm.py)
             from lethe.metrics.lm import LMEvaluator
 
             evaluator = LMEvaluator(stream.test, device, cfg.eval.batch_size, cfg.eval.amp, stream.n_classes)
+        elif task_type == "qa":   # TOFU-style unlearning: metrics/qa.py, retain-only reference
+            from lethe.metrics.qa import QAEvaluator, train_retain_model
+
+            evaluator = QAEvaluator(stream, device, cfg.eval.batch_size,
+                                    reference_fn=lambda: train_retain_model(cfg, stream, device))
         else:
             evaluator = Evaluator(stream.test, device, cfg.eval.batch_size, cfg.eval.amp, stream.n_classes)
+        lm = task_type != "classification"
         predict = method.predict
         start, final = 0, {}
         if meta:
@@ -253,7 +259,10 @@ class Runner:
                 from lethe.metrics.compat import update_metrics
 
                 final.update(update_metrics(evaluator.store))
-            if exp.kind == "forget":   # unlearning quality and cost (metrics/unlearning.py)
+            if exp.kind == "forget" and task_type == "qa":   # the QA evaluator logged unlearn/*
+                final.update({f"unlearn/{k}": float(v) for k, v in
+                              ({"serve_s": t1 - t0} | getattr(method, "unlearn_stats", dict)()).items()})
+            elif exp.kind == "forget":   # unlearning quality and cost (metrics/unlearning.py)
                 from lethe.metrics.unlearning import forget_step_metrics
 
                 final.update(forget_step_metrics(

@@ -184,6 +184,9 @@ class HFTokenizer:
     def encode(self, doc: str) -> list[int]:
         return self.tok(doc, add_special_tokens=False)["input_ids"]
 
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
 
 def make_tokenizer(name: str, train_docs: list[str]):
     if name == "words":
@@ -233,12 +236,18 @@ def lm_dataset(blocks, ids, corpus: int):
     """Avalanche dataset yielding (inputs, next-token targets, task 0); ``targets`` = the corpus
     index (what class timelines and data fingerprints read), plus the ``sample_id`` attribute
     every lethe stream carries."""
+    return sequence_dataset(_block_dataset_class()(blocks), ids, corpus)
+
+
+def sequence_dataset(data, ids, corpus: int):
+    """Wrap a torch dataset of (inputs, token targets) pairs as an Avalanche dataset (see
+    :func:`lm_dataset`); also used by the QA streams of lethe/scenarios/tofu.py."""
     from avalanche.benchmarks.utils import DataAttribute, TaskAwareSupervisedClassificationDataset
     from avalanche.benchmarks.utils.flat_data import ConstantSequence
 
-    n = len(blocks)
+    n = len(data)
     return TaskAwareSupervisedClassificationDataset(
-        [_block_dataset_class()(blocks)],
+        [data],
         data_attributes=[DataAttribute(ConstantSequence(int(corpus), n), "targets"),
                          DataAttribute(ConstantSequence(0, n), "targets_task_labels", use_in_getitem=True),
                          DataAttribute([int(i) for i in ids], "sample_id")])

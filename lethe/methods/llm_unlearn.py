@@ -1,0 +1,166 @@
+"""What the LLM-unlearning methods share (grad_ascent, grad_diff, loku, relearn).
+
+They learn like plain fine-tuning (the Avalanche template; on a TOFU-style stream the loss
+counts answer tokens only) and serve a deletion request with a few epochs of an unlearning
+objective: each step takes a batch of forget rows and a batch of retain rows (drawn with
+replacement from the live training rows outside the request, as the papers pair them) and
+minimises ``unlearn_loss``. Subclasses change the objective and hooks (LoKU wraps the model in
+FILA-initialised LoRA, ReLearn replaces the forget rows by augmented ones).
+
+``stop_at_target``: stop as soon as memorisation accuracy on the forget answers is at or below
+its value on unseen answers (Jang et al., 2023: unlearning is "done" then) — the common
+forget target that benchmarks/llm_unlearning.py compares the methods at.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+from lethe.methods.base import Method
+
+
+@dataclass
+class UnlearnConfig:
+    epochs: int = 5            # unlearning epochs over the forget rows (upper bound with stop_at_target)
+    lr: float = 1e-4           # unlearning learning rate (the papers: 1e-5 .. 2e-4 on real LLMs)
+    batch_size: int = 8        # forget rows per step (and as many retain rows)
+    optimizer: str = "adamw"   # adamw | adam | sgd
+    stop_at_target: bool = False  # stop once forget MA ≤ unseen MA (checked every check_every steps)
+    check_every: int = 1
+
+
+def lm_nll(logits, targets):
+    """Mean next-token NLL over counted positions (logits [B, V, L], targets −100 = ignored)."""
+    import torch
+
+    return torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100)
+
+
+class LLMUnlearner(Method):
+    """Base: plain fine-tuning to learn; ``unlearn_loss`` steps on forget/retain pairs to forget."""
+
+    name = "llm_unlearner"
+
+    @classmethod
+    def check_stream(cls, cfg, stream, seed: int) -> None:
+        from lethe.platform.errors import ConfigError
+
+        if getattr(stream, "task_type", "") != "qa":
+            raise ConfigError(f"method '{cls.name}' unlearns language models on a TOFU-style QA "
+                              f"stream (scenario.name: tofu); scenario '{type(stream).__name__}' "
+                              f"is {getattr(stream, 'task_type', 'classification')}")
+        if cfg.stop_at_target and "unseen" not in stream.qa.splits:
+            raise ConfigError("method.stop_at_target needs an unseen split (unseen_perturbed.json) "
+                              "to compare memorisation accuracy with; set stop_at_target: false")
+
+    # --- hooks ------------------------------------------------------------------------------
+    def unlearn_loss(self, fx, fy, rx, ry):
+        """The objective of one step (forget batch fx/fy, retain batch rx/ry)."""
+        raise TypeError(f"{type(self).__name__} must define unlearn_loss")
+
+    def forget_rows(self, fx, fy, request):
+        """The rows the unlearning loop iterates over (ReLearn: augmented ones)."""
+        return fx, fy
+
+    def before_unlearn(self, fx, fy, rx, ry) -> None:
+        """Set-up with the request's data (LoKU: FILA; ReLearn: the reference model)."""
+
+    def after_unlearn(self) -> None:
+        """Merge LoRA adapters (if any) so the served model is a plain LM again."""
+        from peft import PeftModel
+
+        if isinstance(self.model.lm, PeftModel):
+            self.model.lm = self.model.lm.merge_and_unload()
+
+    def wrap_lora(self, rank: int, alpha: float, targets=None) -> None:
+        """Plain LoRA (B = 0: the model is unchanged) on every linear layer but the head."""
+        from peft import LoraConfig, get_peft_model
+
+        from lethe.methods.loku import _is_conv1d, fila_targets
+
+        names = fila_targets(self.model.lm, targets or None)
+        conv = all(_is_conv1d(self.model.lm.get_submodule(n)) for n in names)
+        self.model.lm = get_peft_model(self.model.lm, LoraConfig(
+            r=rank, lora_alpha=alpha or 2 * rank, target_modules=names, lora_dropout=0.0,
+            bias="none", fan_in_fan_out=conv, task_type="CAUSAL_LM"))
+
+    def trainable(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    # --- serving a request --------------------------------------------------------------------
+    def unlearn(self, request) -> None:
+        import torch
+        from tqdm.auto import tqdm
+
+        from lethe.methods.base import make_optimizer
+        from lethe.platform.errors import RunError
+
+        t0 = time.perf_counter()
+        cfg, dev = self.cfg, self.ctx.device
+        pool = self.ctx.stream.train
+        gone = torch.isin(pool.ids, torch.as_tensor(request.sample_ids))
+        self.deleted = gone | getattr(self, "deleted", torch.zeros_like(gone))
+        fx, fy = pool.x[gone], pool.y[gone]
+        rx, ry = pool.x[~self.deleted], pool.y[~self.deleted]
+        if len(rx) == 0:
+            raise RunError("the deletion request leaves no retain rows to pair the forget rows with")
+        self.model.train()
+        self.before_unlearn(fx, fy, rx, ry)
+        fx, fy = self.forget_rows(fx, fy, request)
+        opt = make_optimizer(self.trainable(), SimpleNamespace(
+            optimizer=cfg.optimizer, lr=cfg.lr, momentum=0.9, weight_decay=0.0))
+        gen = torch.Generator().manual_seed(self.ctx.seed + 7919)
+        target = self._target_rows() if cfg.stop_at_target else None
+        steps, reached = 0, False
+        bar = tqdm(total=cfg.epochs * -(-len(fx) // cfg.batch_size), desc=f"unlearn ({self.name})",
+                   unit="step", disable=None)
+        for _ in range(cfg.epochs):
+            for idx in torch.randperm(len(fx), generator=gen).split(cfg.batch_size):
+                ridx = torch.randint(len(rx), (len(idx),), generator=gen)
+                loss = self.unlearn_loss(fx[idx].to(dev), fy[idx].to(dev), rx[ridx].to(dev), ry[ridx].to(dev))
+                if not torch.isfinite(loss):
+                    raise RunError(f"unlearning loss is {float(loss)} at step {steps} ({self.name}); "
+                                   f"lower method.lr or method.epochs")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+                if target is not None and steps % max(1, cfg.check_every) == 0 and self._reached(target):
+                    reached = True
+                    break
+            if reached:
+                break
+        bar.close()
+        self.after_unlearn()
+        self.model.eval()
+        self.stats = {"serve_s": time.perf_counter() - t0, "unlearn_steps": steps,
+                      "target_reached": float(reached) if target is not None else float("nan")}
+
+    def unlearn_stats(self) -> dict:
+        return dict(getattr(self, "stats", {}))
+
+    # --- the forget target ----------------------------------------------------------------------
+    def _target_rows(self):
+        from lethe.scenarios.tofu import encode_qa
+
+        qa = self.ctx.stream.qa
+        rows = {k: qa.rows([encode_qa(qa.tokenizer, r["question"], r["answer"]) for r in qa.splits[k]])
+                for k in ("forget", "unseen")}
+        return rows
+
+    def _reached(self, rows) -> bool:
+        """Forget-answer memorisation accuracy at or below the unseen answers'."""
+        import torch
+
+        from lethe.metrics.tofu import memorisation_accuracy
+
+        was = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            ma = {k: float(memorisation_accuracy(self.model(x.to(self.ctx.device)), y.to(self.ctx.device)).mean())
+                  for k, (x, y) in rows.items()}
+        self.model.train(was)
+        return ma["forget"] <= ma["unseen"]

@@ -1,0 +1,119 @@
+"""ReLearn — unlearning via learning (Xu et al., "ReLearn: Unlearning via Learning for Large
+Language Models", 2025; reference code zjunlp/unlearn).
+
+Instead of pushing the forget answers' probability down (gradient ascent, which leaves
+degenerate text behind), ReLearn *learns* replacements: each forget item is augmented into
+question variants (paraphrase, more specific, noisy, reversed relation) answered vaguely —
+the subject kept, no private fact (a leakage check rejects answers that still carry one) —
+plus "cut" samples (the first 25% of the true answer as prompt, a vague continuation as target),
+the original question with a vague answer, and general fact-free QA pairs (~1.2× the data) that keep fluency. The augmenter is pluggable
+(lethe/methods/relearn_augment.py: a template/rule-based one offline, an LLM-backed one when
+``method.augmenter`` names a local model folder). A memorised sequence in the request (no
+question) is augmented as the answer to "Who is <its first entity>?".
+
+Loss per step: CE(augmented forget) + CE(retain) + KL(p_ref ‖ p_θ) on retain answer tokens,
+p_ref = the model before unlearning; all weights 1; LoRA (r = 32 in the paper) on every linear
+layer, merged into the model when the request is served.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lethe.methods.llm_unlearn import LLMUnlearner, UnlearnConfig, lm_nll
+from lethe.registry import register_method
+
+
+@dataclass
+class RelearnConfig(UnlearnConfig):
+    augmenter: str = "template"   # template | local HF causal LM folder (LLM-backed augmentation)
+    variants: int = 4             # question variants per forget item
+    positive_ratio: float = 1.2   # general positive QA pairs per forget item
+    rank: int = 32                # LoRA rank (0 = train every weight)
+    alpha: float = 0.0            # LoRA alpha (0 = 2r)
+    retain_weight: float = 1.0
+    kl_weight: float = 1.0
+
+
+def kl_ref(logits, ref_logits, targets):
+    """KL(p_ref ‖ p_θ) per counted position (targets ≠ −100), averaged; logits [B, V, L]."""
+    import torch
+
+    mask = targets != -100
+    lp = torch.log_softmax(logits.float(), 1)
+    lr = torch.log_softmax(ref_logits.float(), 1)
+    kl = (lr.exp() * (lr - lp)).sum(1)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+@register_method("relearn", config=RelearnConfig, kinds=("learn", "forget"))
+class Relearn(LLMUnlearner):
+    """Unlearning by learning vague, leak-free answers to augmented forget questions (+ retain CE, KL)."""
+
+    name = "relearn"
+
+    def before_unlearn(self, fx, fy, rx, ry) -> None:
+        import copy
+
+        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if self.cfg.rank > 0:
+            self.wrap_lora(self.cfg.rank, self.cfg.alpha)
+
+    def augmented(self, request) -> list[dict]:
+        """The augmented forget samples and positive pairs of a request (deterministic by seed)."""
+        import numpy as np
+        import torch
+
+        from lethe.methods.relearn_augment import make_augmenter, positive_pairs
+        from lethe.metrics.knowledge import extract_entities
+
+        qa = self.ctx.stream.qa
+        items = []
+        for i in torch.as_tensor(request.sample_ids).tolist():
+            item = qa.train_items[i]
+            if "question" not in item:   # a memorised sequence: about its first entity
+                ents = extract_entities(item["text"])
+                item = {"question": f"Who is {ents[0] if ents else 'this author'}?", "answer": item["text"]}
+            items.append(item)
+        try:
+            aug = make_augmenter(self.cfg.augmenter or None, self.ctx.seed)
+        except ValueError as exc:
+            from lethe.platform.errors import ConfigError
+
+            raise ConfigError(f"method.augmenter: {exc}") from None
+        if hasattr(aug, "variants"):
+            aug.variants = self.cfg.variants
+        rng = np.random.default_rng(self.ctx.seed)
+        samples = []
+        for item in items:   # the variants, and the original question with a vague answer too
+            out = aug.augment(item, rng)
+            samples += out + [{"question": item["question"], "answer": out[0]["answer"], "kind": "original"}]
+        return samples + positive_pairs(items, self.cfg.positive_ratio, rng)
+
+    def forget_rows(self, fx, fy, request):
+        from lethe.scenarios.tofu import PROMPT
+
+        qa = self.ctx.stream.qa
+        tok = qa.tokenizer
+        pairs = []
+        for s in self.augmented(request):
+            if s.get("prefix"):   # cut sample: the answer's first words after "Answer:"
+                q = s["question"][: len(s["question"]) - len(s["prefix"])].strip()
+                prompt = tok.encode(PROMPT.format(question=q) + " " + s["prefix"])
+            else:
+                prompt = tok.encode(PROMPT.format(question=s["question"]))
+            pairs.append((prompt, tok.encode(" " + s["answer"]) + [tok.eos]))
+        self.n_augmented = len(pairs)
+        return qa.rows(pairs)
+
+    def unlearn_loss(self, fx, fy, rx, ry):
+        import torch
+
+        logits_r = self.model(rx)
+        with torch.no_grad():
+            ref = self.reference(rx)
+        return (lm_nll(self.model(fx), fy) + self.cfg.retain_weight * lm_nll(logits_r, ry)
+                + self.cfg.kl_weight * kl_ref(logits_r, ref, ry))
+
+    def after_unlearn(self) -> None:
+        super().after_unlearn()
+        del self.reference

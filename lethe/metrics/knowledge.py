@@ -1,0 +1,385 @@
+"""Knowledge and fluency metrics of ReLearn (Xu et al., 2025, "ReLearn: Unlearning via
+Learning for Large Language Models"; repo zjunlp/unlearn). See METHODS.md, "ReLearn".
+
+Knowledge, per QA item (prediction = the model's answer, truth = the reference answer):
+
+- entity score E: the share of the truth's entities whose best embedding cosine with any
+  entity of the prediction is ≥ 0.8 (0 when the prediction names nothing, 1 when the truth
+  names nothing);
+- an NLI judgement ``judge(truth, prediction)`` ∈ {entailment, neutral, contradiction};
+- Knowledge Forgetting Rate KFR = mean over forget items of 1[contradiction ∨ E ≤ θ1],
+  θ1 = 0.3 (0.5 when the truth has ≤ 3 entities: with few entities one match is already a
+  third of the facts, so the bar for "forgotten" is looser);
+- Knowledge Retention Rate KRR = mean over retain items of 1[¬contradiction ∧ E ≥ θ2], θ2 = 0.3.
+
+Fluency, over answer tokens: Brunet's index W = N^(V^−0.165) (lower = richer vocabulary),
+Honoré's statistic H = 100·ln N / (1 − V1/V + 0.1) (higher = richer), and the Linguistic
+Score LS = harmonic mean of 1/(1+PPL), 1/(1+W), H/(1+H).
+
+The paper extracts entities and judges entailment with large models; here every part is
+pluggable (:func:`load_plugin`, ``"module:attr"`` specs) and the offline defaults are a
+rule-based entity extractor (:func:`extract_entities`), the packaged all-MiniLM-L6-v2
+embedder (:class:`MiniLMEmbedder`) and a rule-based NLI judge (:class:`RuleJudge`);
+:class:`HFNLIJudge` runs any local Hugging Face NLI classifier.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import math
+import re
+from typing import Callable, Optional, Protocol, Sequence
+
+import torch
+
+ENTAILMENT, NEUTRAL, CONTRADICTION = "entailment", "neutral", "contradiction"
+JUDGEMENTS = (ENTAILMENT, NEUTRAL, CONTRADICTION)
+
+# ---------------------------------------------------------------------------------------------
+# Entities
+
+# Capitalised at a sentence start, these words are grammar, not names.
+SENTENCE_STOP_WORDS = frozenset(
+    "The A In What Who Where When Which How He She It His Her They This That Yes No I".split())
+# "The"/"A" open titles ("The Hollow Lantern"), so they stay attached to a following name;
+# the other stop words never belong to one ("In Vornhal" -> "Vornhal").
+TITLE_ARTICLES = frozenset(("The", "A"))
+CONNECTORS = frozenset(("of", "the", "de", "von"))
+
+_TOKEN = re.compile(r"(?P<num>\d+(?:[.,]\d+)*)|(?P<word>[^\W\d_](?:[\w'’-]*\w)?)")
+_POSSESSIVE = re.compile(r"['’]s$")
+
+
+def _capitalised(word: str) -> bool:
+    return word[:1].isupper()
+
+
+def extract_entities(text: str) -> list[str]:
+    """Named entities of ``text`` by rule: maximal runs of Capitalised words (with inner
+    connectors "of", "the", "de", "von" between capitalised words), and numbers (years
+    included). A sentence-initial stop word alone is dropped, and one other than "The"/"A"
+    is cut from the front of a run. Possessive "'s" is removed. Deduplicated, in order."""
+    tokens = [(m.start(), m.end(), m.group()) for m in _TOKEN.finditer(text)]
+    entities: list[str] = []
+    run: list[str] = []          # words of the current run (connectors pending at the end)
+    run_initial = False          # the run's first word starts a sentence
+
+    def close():
+        nonlocal run
+        while run and run[-1] in CONNECTORS:     # a run must end on a capitalised word
+            run.pop()
+        if run_initial and run and run[0] in SENTENCE_STOP_WORDS:
+            if len(run) == 1 or run[0] not in TITLE_ARTICLES:
+                run = run[1:]
+        if run:
+            entities.append(" ".join(run))
+        run = []
+
+    prev_end = 0
+    for i, (start, end, tok) in enumerate(tokens):
+        gap = text[prev_end:start]
+        sentence_start = i == 0 or bool(re.search(r"[.!?\n]", gap))
+        joined = bool(run) and gap.isspace()    # punctuation between words breaks a run
+        if not joined and run:
+            close()
+        if tok[0].isdigit():
+            if run:
+                close()
+            entities.append(tok)
+        elif _capitalised(tok):
+            word = _POSSESSIVE.sub("", tok)
+            if not run:
+                run_initial = sentence_start
+            run.append(word)
+            if word != tok:                     # "Mordane's novel": the name ends here
+                close()
+        elif run and tok in CONNECTORS:     # kept only if a capitalised word follows
+            run.append(tok)
+        elif run:
+            close()
+        prev_end = end
+    close()
+    return list(dict.fromkeys(entities))
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedders
+
+class Embedder(Protocol):
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """[N, D] L2-normalised embeddings of ``texts``."""
+
+
+class ExactEmbedder:
+    """String identity as an embedding: one-hot over the distinct lower-cased strings of
+    the call, so cosine is 1 for equal strings and 0 otherwise (tests, cheap runs)."""
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        keys = [t.strip().lower() for t in texts]
+        index = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+        out = torch.zeros(len(keys), max(len(index), 1))
+        for row, k in enumerate(keys):
+            out[row, index[k]] = 1.0
+        return out
+
+
+@functools.cache
+def _load_encoder(path: str):
+    """(tokenizer, model) of a local Hugging Face encoder, loaded once per process."""
+    from lethe.models.hf import _quiet_transformers, offline
+
+    offline()
+    _quiet_transformers()
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(path)
+    model.eval()
+    return AutoTokenizer.from_pretrained(path), model
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of token states [B, L, D] over the attention mask [B, L] (sentence-transformers)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 sentence embeddings (mean-pooled, L2-normalised), from the packaged
+    folder (``path=None``) or any local encoder folder."""
+
+    def __init__(self, path: Optional[str] = None, batch_size: int = 64, max_length: int = 128):
+        if path is None:
+            from lethe.models.hf import minilm_path
+
+            path = minilm_path()
+        self.path, self.batch_size, self.max_length = path, batch_size, max_length
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        tokenizer, model = _load_encoder(self.path)
+        if not texts:
+            return torch.zeros(0, model.config.hidden_size)
+        chunks = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), self.batch_size):
+                batch = tokenizer(list(texts[i:i + self.batch_size]), padding=True,
+                                  truncation=True, max_length=self.max_length, return_tensors="pt")
+                hidden = model(**batch).last_hidden_state
+                chunks.append(mean_pool(hidden, batch["attention_mask"]))
+        return torch.nn.functional.normalize(torch.cat(chunks).float(), dim=-1)
+
+
+def entity_score(prediction: str, truth: str, embedder: Embedder, threshold: float = 0.8,
+                 extractor: Callable[[str], list[str]] = extract_entities) -> float:
+    """E = share of the truth's entities whose best cosine with a prediction entity is
+    ≥ ``threshold``; 0.0 when the prediction has no entities, 1.0 when the truth has none."""
+    truth_ents = extractor(truth)
+    if not truth_ents:
+        return 1.0
+    pred_ents = extractor(prediction)
+    if not pred_ents:
+        return 0.0
+    # One call: ExactEmbedder's one-hot basis is per call, and it is one batch for MiniLM.
+    emb = embedder.embed(truth_ents + pred_ents)
+    cos = emb[:len(truth_ents)] @ emb[len(truth_ents):].T
+    return (cos.max(dim=1).values >= threshold).float().mean().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# NLI judges
+
+class Judge(Protocol):
+    def judge(self, premise: str, hypothesis: str) -> str:
+        """"entailment" | "neutral" | "contradiction"."""
+
+
+def words(text: str) -> list[str]:
+    """Lower-case word tokens (letters, digits, apostrophes)."""
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+NEGATIONS = frozenset(("not", "never", "no", "cannot"))
+
+
+def _numbers(text: str) -> set[str]:
+    return {n.replace(",", "") for n in _NUMBER.findall(text)}
+
+
+def _negated(text: str) -> bool:
+    return any(w in NEGATIONS or w.endswith("n't") for w in words(text.replace("’", "'")))
+
+
+class RuleJudge:
+    """Offline NLI by rule. Contradiction: both texts give numbers and none agree, or exactly
+    one of them is negated ("not", "never", "no", "cannot", "…n't") while both name a common
+    entity. Entailment: every word of the hypothesis occurs in the premise. Else neutral."""
+
+    def judge(self, premise: str, hypothesis: str) -> str:
+        p_nums, h_nums = _numbers(premise), _numbers(hypothesis)
+        if p_nums and h_nums and not p_nums & h_nums:
+            return CONTRADICTION
+        if _negated(premise) != _negated(hypothesis):
+            shared = ({e.lower() for e in extract_entities(premise)}
+                      & {e.lower() for e in extract_entities(hypothesis)})
+            if shared:
+                return CONTRADICTION
+        if set(words(hypothesis)) <= set(words(premise)):
+            return ENTAILMENT
+        return NEUTRAL
+
+
+def nli_label_map(id2label: dict) -> dict[int, str]:
+    """Class index -> judgement from an NLI model's ``config.id2label``: each of the three
+    judgements must be named by exactly one label (case-insensitive "entail", "neutral",
+    "contradict"); ValueError naming the labels otherwise (e.g. binary "not_entailment")."""
+    stems = {"entail": ENTAILMENT, "neutral": NEUTRAL, "contradict": CONTRADICTION}
+    mapping: dict[int, str] = {}
+    for idx, name in id2label.items():
+        low = str(name).lower()
+        hits = [j for stem, j in stems.items() if stem in low]
+        if len(hits) == 1 and not re.search(r"\bnot?[_\- ]|\bnon", low):
+            mapping[int(idx)] = hits[0]
+    if sorted(mapping.values()) != sorted(JUDGEMENTS):
+        labels = ", ".join(f"{k}: '{v}'" for k, v in sorted(id2label.items(), key=lambda kv: int(kv[0])))
+        raise ValueError(f"cannot map the NLI model's labels {{{labels}}} to entailment / neutral / "
+                         f"contradiction: give a 3-way NLI model whose config.id2label names "
+                         f"entail*, neutral, contradict*")
+    return mapping
+
+
+@functools.cache
+def _load_nli(path: str):
+    from lethe.models.hf import _quiet_transformers, offline
+
+    offline()
+    _quiet_transformers()
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    model.eval()
+    return AutoTokenizer.from_pretrained(path), model
+
+
+class HFNLIJudge:
+    """A local Hugging Face NLI classifier (premise, hypothesis) -> argmax judgement."""
+
+    def __init__(self, path: str, max_length: int = 512):
+        self.path, self.max_length = path, max_length
+        _, model = _load_nli(path)
+        self.labels = nli_label_map(model.config.id2label)   # fail at construction, not mid-eval
+
+    def judge(self, premise: str, hypothesis: str) -> str:
+        tokenizer, model = _load_nli(self.path)
+        batch = tokenizer(premise, hypothesis, truncation=True, max_length=self.max_length,
+                          return_tensors="pt")
+        with torch.inference_mode():
+            logits = model(**batch).logits[0]
+        return self.labels[int(logits.argmax())]
+
+
+# ---------------------------------------------------------------------------------------------
+# KFR / KRR
+
+def _check_pairs(predictions: Sequence[str], truths: Sequence[str]) -> None:
+    if len(predictions) != len(truths):
+        raise ValueError(f"{len(predictions)} predictions for {len(truths)} reference answers")
+
+
+def kfr(predictions: Sequence[str], truths: Sequence[str], embedder: Embedder, judge: Judge,
+        extractor: Callable[[str], list[str]] = extract_entities) -> float:
+    """Knowledge Forgetting Rate over forget items: mean 1[contradiction ∨ E ≤ θ1],
+    θ1 = 0.5 when the truth has ≤ 3 entities, else 0.3. NaN for no items."""
+    _check_pairs(predictions, truths)
+    if not truths:
+        return math.nan
+    hits = 0
+    for pred, truth in zip(predictions, truths):
+        theta = 0.5 if len(extractor(truth)) <= 3 else 0.3
+        contradicted = judge.judge(truth, pred) == CONTRADICTION
+        hits += contradicted or entity_score(pred, truth, embedder, extractor=extractor) <= theta
+    return hits / len(truths)
+
+
+def krr(predictions: Sequence[str], truths: Sequence[str], embedder: Embedder, judge: Judge,
+        extractor: Callable[[str], list[str]] = extract_entities) -> float:
+    """Knowledge Retention Rate over retain items: mean 1[¬contradiction ∧ E ≥ 0.3].
+    NaN for no items."""
+    _check_pairs(predictions, truths)
+    if not truths:
+        return math.nan
+    hits = 0
+    for pred, truth in zip(predictions, truths):
+        contradicted = judge.judge(truth, pred) == CONTRADICTION
+        hits += not contradicted and entity_score(pred, truth, embedder, extractor=extractor) >= 0.3
+    return hits / len(truths)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fluency
+
+def brunet_w(tokens: Sequence[str]) -> float:
+    """Brunet's index W = N^(V^−0.165) (N tokens, V distinct). NaN for no tokens."""
+    n, v = len(tokens), len(set(tokens))
+    return math.nan if n == 0 else n ** (v ** -0.165)
+
+
+def honore_h(tokens: Sequence[str]) -> float:
+    """Honoré's statistic H = 100·ln N / (1 − V1/V + 0.1) (V1 = distinct tokens occurring
+    once). The original has no +0.1: it is infinite when every token is unique (V1 = V),
+    which short answers often are; ReLearn's form (METHODS.md) adds the guard. NaN for none."""
+    n = len(tokens)
+    if n == 0:
+        return math.nan
+    counts: dict[str, int] = {}
+    for t in tokens:
+        counts[t] = counts.get(t, 0) + 1
+    v1 = sum(1 for c in counts.values() if c == 1)
+    return 100.0 * math.log(n) / (1.0 - v1 / len(counts) + 0.1)
+
+
+def linguistic_score(ppl: float, w: float, h: float) -> float:
+    """Harmonic mean of 1/(1+PPL), 1/(1+W), H/(1+H); 0 when any part is 0 (e.g. H = 0)."""
+    parts = (1.0 / (1.0 + ppl), 1.0 / (1.0 + w), h / (1.0 + h))
+    if any(math.isnan(p) for p in parts):
+        return math.nan
+    if min(parts) <= 0.0:
+        return 0.0
+    return len(parts) / sum(1.0 / p for p in parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plugins
+
+BUILTINS: dict[str, Callable[[], object]] = {
+    "minilm": MiniLMEmbedder, "exact": ExactEmbedder, "rule": RuleJudge}
+
+
+def load_plugin(spec: Optional[str], default: Callable[[], object]):
+    """An embedder / judge / extractor from a spec: None or "" -> ``default()``; a built-in
+    name ("minilm", "exact", "rule"); or "module:attr" -> the attribute, instantiated with
+    no arguments when it is a class, else returned as is (e.g. an extractor function)."""
+    if not spec:
+        return default()
+    if spec in BUILTINS:
+        return BUILTINS[spec]()
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"plugin '{spec}': expected 'module:attr' (e.g. "
+                         f"'lethe.metrics.knowledge:RuleJudge') or one of {', '.join(BUILTINS)}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"plugin '{spec}': cannot import module '{module_name}' of "
+                         f"'module:attr' ({exc})") from None
+    if not hasattr(module, attr):
+        raise ValueError(f"plugin '{spec}': module '{module_name}' has no attribute '{attr}' "
+                         f"(the attr of 'module:attr')")
+    obj = getattr(module, attr)
+    return obj() if inspect.isclass(obj) else obj
+
+
+__all__ = ["extract_entities", "Embedder", "ExactEmbedder", "MiniLMEmbedder", "mean_pool",
+           "entity_score", "Judge", "RuleJudge", "HFNLIJudge", "nli_label_map", "kfr", "krr",
+           "brunet_w", "honore_h", "linguistic_score", "words", "load_plugin", "ENTAILMENT",
+           "NEUTRAL", "CONTRADICTION"]

@@ -1,0 +1,315 @@
+"""Evaluation of LLM unlearning on TOFU-style QA streams (``Stream.task_type == "qa"``).
+
+At every evaluation point :class:`QAEvaluator` runs the evaluated model over the evaluation
+splits of lethe/scenarios/tofu.py and logs, under ``unlearn/*`` (definitions in
+lethe/metrics/tofu.py and lethe/metrics/knowledge.py, documented in docs/metrics.md):
+
+- TOFU (Maini et al., 2024): per split (forget, retain, real_authors, world_facts) the answer
+  probability, ROUGE-L recall of the greedy answer and the truth ratio; ``model_utility`` =
+  harmonic mean of {prob, ROUGE, mean max(0, 1 − R)} over retain / real_authors / world_facts;
+  ``forget_quality`` = KS-test p-value between the forget-set truth ratios of the evaluated model
+  and of a retain-only model the platform trains with the run's model and train settings. On
+  real_authors / world_facts the probability is TOFU's normalised one, p(a) / Σ p over the
+  true and perturbed answers (the split is multiple choice there).
+- Jang et al. (2023): memorisation accuracy MA (forget vs unseen answers) and EL_n on the
+  memorised (TDEC-style) sequences (forget vs unseen): unlearning is "done" at or below the
+  unseen values.
+- MUSE (Shi et al., 2024): PrivLeak from Min-K% prob AUCs (forget = members, unseen =
+  non-members) of the evaluated and the retain-only model.
+- ReLearn (Xu et al., 2025): KFR on forget, KRR on retain, Linguistic Score of the greedy answers
+  to the forget (``forget_ls``) and retain (``retain_ls``) questions.
+
+The token-level predictions on the evaluation answers fill a PredictionStore (experience =
+split), so ``acc/exp_<j>`` (token accuracy per split, in the order of ``qa_splits.txt``),
+the accuracy-matrix artifacts and checkpoints work as for every stream.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lethe.metrics.evaluator import PredictionStore
+
+_REFERENCES: dict[str, torch.nn.Module] = {}   # retain-only models, by config (one per process)
+
+
+def batched_logits(fn, x: torch.Tensor, device, bs: int = 64) -> torch.Tensor:
+    """fn(x) over batches, logits [N, V, L] on CPU (float32)."""
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(x), bs):
+            xb = x[s:s + bs].to(device)
+            out.append(fn(xb, torch.zeros(len(xb), dtype=torch.long, device=device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def retain_rows(stream):
+    """Training rows of the retain set (every learned row outside the deletion request)."""
+    pool = stream.train
+    keep = ~torch.isin(pool.ids, stream.qa.forget_ids)
+    return pool.x[keep], pool.y[keep]
+
+
+def lm_loss(logits, y):
+    return torch.nn.functional.cross_entropy(logits, y, ignore_index=-100)
+
+
+def train_retain_model(cfg, stream, device):
+    """The retain-only model of forget quality / PrivLeak: the run's model trained from the
+    same initialisation seed on the retain rows with the run's train settings (cached per
+    process, keyed by scenario, model, train config and seed)."""
+    from omegaconf import OmegaConf
+
+    from lethe import registry
+    from lethe.methods.base import make_optimizer
+    from lethe.models.vision import ModelInfo
+
+    key = OmegaConf.to_yaml({"s": cfg.scenario, "m": cfg.model, "t": cfg.train, "seed": cfg.seed})
+    if key in _REFERENCES:
+        return _REFERENCES[key]
+    torch.manual_seed(cfg.seed)
+    model = registry.get("models", cfg.model.name).obj(
+        cfg.model, ModelInfo(input_shape=stream.input_shape, n_classes=stream.n_classes)).to(device)
+    x, y = retain_rows(stream)
+    opt = make_optimizer(model.parameters(), cfg.train)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    from tqdm.auto import tqdm
+
+    for _ in tqdm(range(cfg.train.epochs), desc="retain-only reference", unit="epoch", disable=None):
+        for idx in torch.randperm(len(x), generator=gen).split(cfg.train.batch_size):
+            opt.zero_grad(set_to_none=True)
+            lm_loss(model(x[idx].to(device)), y[idx].to(device)).backward()
+            opt.step()
+    model.eval()
+    _REFERENCES[key] = model
+    return model
+
+
+class QAEvaluator:
+    """One evaluation pass per point over the QA splits; metrics under ``unlearn/*``."""
+
+    def __init__(self, stream, device, batch_size: int = 0, reference_fn=None):
+        from lethe.metrics.knowledge import ExactEmbedder, MiniLMEmbedder, RuleJudge, load_plugin
+
+        self.stream, self.qa, self.cfg = stream, stream.qa, stream.qa_config
+        self.device = torch.device(device)
+        self.bs = batch_size or 64
+        self.reference_fn = reference_fn
+        self.splits = list(self.qa.splits)
+        test = stream.test
+        _, ty = self.qa.rows([self._pair(r["question"], r["answer"])
+                              for s in self.splits for r in self.qa.splits[s]])
+        self.x, self.y = test.x, ty
+        mask = ty != -100
+        tok_exp = test.exp.unsqueeze(1).expand_as(ty)[mask]
+        self.store = PredictionStore(ty[mask], tok_exp, torch.zeros_like(tok_exp),
+                                     torch.arange(int(mask.sum())), len(self.splits),
+                                     int(stream.n_classes))
+        self.embedder = load_plugin(self.cfg.embedder, MiniLMEmbedder) if self.cfg.embedder != "exact" \
+            else ExactEmbedder()
+        judge = self.cfg.judge
+        if judge and judge != "rule" and ":" not in judge:
+            from lethe.metrics.knowledge import HFNLIJudge
+
+            self.judge = HFNLIJudge(judge)
+        else:
+            self.judge = load_plugin(judge, RuleJudge)
+        self.history: list[dict[str, float]] = []
+        self.answers: list[tuple[str, dict]] = []   # (label, {split: greedy answers}) per point
+        self._reference_stats = None
+
+    def _pair(self, q, a):
+        from lethe.scenarios.tofu import encode_qa
+
+        return encode_qa(self.qa.tokenizer, q, a)
+
+    # --- model passes -----------------------------------------------------------------------
+    def _nll(self, fn, pairs) -> torch.Tensor:
+        from lethe.metrics.tofu import answer_nll
+
+        x, y = self.qa.rows(pairs)
+        return answer_nll(batched_logits(fn, x, self.device, self.bs), y)
+
+    def _candidates(self, fn, items) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """NLL of the true, the paraphrased and each perturbed answer ([N], [N], [N, K])."""
+        k = max((len(r.get("perturbed_answer", [])) for r in items), default=0)
+        pairs = []
+        for r in items:
+            pert = r.get("perturbed_answer", [])
+            pairs += [self._pair(r["question"], r["answer"]),
+                      self._pair(r["question"], r.get("paraphrased_answer", r["answer"]))]
+            pairs += [self._pair(r["question"], p) for p in pert] + [self._pair(r["question"], "")] * (k - len(pert))
+        nll = self._nll(fn, pairs).reshape(len(items), 2 + k)
+        counts = torch.tensor([len(r.get("perturbed_answer", [])) for r in items])
+        pert = nll[:, 2:].clone()
+        pert[torch.arange(k).unsqueeze(0) >= counts.unsqueeze(1)] = float("nan")
+        return nll[:, 0], nll[:, 1], pert
+
+    def _greedy(self, fn, items) -> tuple[list[str], list[list[int]], list[list[int]]]:
+        """Greedy answers (text), their tokens and their prompts."""
+        from lethe.metrics.tofu import greedy_generate
+
+        tok = self.qa.tokenizer
+        prompts = [self._pair(r["question"], "")[0] for r in items]
+        cap = self.cfg.max_new_tokens or self.qa.length
+        by_len: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_len.setdefault(len(p), []).append(i)
+        outs = [None] * len(items)
+        for n, idx in by_len.items():   # positions are bounded by the model's length
+            gen = greedy_generate(lambda ids: fn(ids.to(self.device), torch.zeros(len(ids), dtype=torch.long,
+                                                                                    device=self.device)),
+                                  [prompts[i] for i in idx], max(1, min(cap, self.qa.length - n + 1)),
+                                  eos=tok.eos)
+            for i, g in zip(idx, gen):
+                outs[i] = g
+        return [tok.decode(g) for g in outs], outs, prompts
+
+    def _ls(self, fn, answers, tokens, prompts, ppl_fn) -> float:
+        """Mean Linguistic Score of the greedy answers (PPL from ppl_fn, W and H from words)."""
+        from lethe.metrics.knowledge import brunet_w, honore_h, linguistic_score, words
+
+        pairs = [(p, t + [self.qa.tokenizer.eos]) for p, t in zip(prompts, tokens)]
+        nll = self._nll(ppl_fn, pairs)
+        scores = []
+        for a, v in zip(answers, nll.tolist()):
+            w = words(a)
+            if not w:
+                scores.append(0.0)
+                continue
+            ppl = math.exp(min(v, 700.0)) if v == v else float("inf")
+            scores.append(linguistic_score(ppl, brunet_w(w), honore_h(w)))
+        return float(sum(scores) / len(scores)) if scores else float("nan")
+
+    def _mink(self, fn, items) -> torch.Tensor:
+        from lethe.metrics.tofu import min_k_prob
+
+        x, y = self.qa.rows([self._pair(r["question"], r["answer"]) for r in items])
+        return min_k_prob(batched_logits(fn, x, self.device, self.bs), y, self.cfg.mink_k)
+
+    def _reference(self):
+        """(forget truth ratios, Min-K% AUC) of the retain-only model, computed once."""
+        from lethe.metrics.tofu import mink_auc, truth_ratio
+
+        if self._reference_stats is None and self.reference_fn is not None:
+            ref = self.reference_fn()
+            fn = lambda x, t: ref(x)  # noqa: E731
+            _, para, pert = self._candidates(fn, self.qa.splits["forget"])
+            auc = float("nan")
+            if "unseen" in self.qa.splits:
+                auc = mink_auc(self._mink(fn, self.qa.splits["forget"]), self._mink(fn, self.qa.splits["unseen"]))
+            self._reference_stats = (truth_ratio(pert, para), auc, fn)
+        return self._reference_stats
+
+    # --- the evaluation point ---------------------------------------------------------------
+    def evaluate(self, predict_fn, label: str, model: torch.nn.Module | None = None):
+        was_training = model.training if model is not None else False
+        if model is not None:
+            model.eval()
+        try:
+            logits = batched_logits(predict_fn, self.x, self.device, self.bs)
+            mask = self.y != -100
+            self.store.add(label, logits.argmax(1)[mask])
+            metrics = self._metrics(predict_fn, logits)
+            self.answers.append((label, self._last_answers))
+        finally:
+            if model is not None and was_training:
+                model.train()
+        self.history.append(metrics)
+        return metrics
+
+    def _metrics(self, fn, logits) -> dict[str, float]:
+        from lethe.metrics.knowledge import kfr, krr
+        from lethe.metrics.tofu import (extraction_likelihood, forget_quality,
+                                        memorisation_accuracy, mink_auc, model_utility, privleak,
+                                        probability, rouge_l_recall, truth_ratio, truth_score)
+
+        out: dict[str, float] = {}
+        split_of = self.stream.test.exp
+        ma = memorisation_accuracy(logits, self.y)
+        answers: dict[str, tuple] = {}
+        for s, name in enumerate(self.splits):
+            items = self.qa.splits[name]
+            true, para, pert = self._candidates(fn, items)
+            R = truth_ratio(pert, para)
+            if name in ("real_authors", "world_facts"):   # TOFU: normalised over the choices
+                p = torch.cat([(-true).unsqueeze(1), -pert], 1).exp()
+                out[f"unlearn/{name}_prob"] = float((p[:, 0] / p.nansum(1)).mean())
+            else:
+                out[f"unlearn/{name}_prob"] = float(probability(true).mean())
+            out[f"unlearn/{name}_truth_ratio"] = float(R.nanmean())
+            out[f"unlearn/{name}_ma"] = float(ma[split_of == s].mean())
+            if name != "unseen":
+                text, toks, prompts = self._greedy(fn, items)
+                answers[name] = (text, toks, prompts)
+                out[f"unlearn/{name}_rouge"] = sum(rouge_l_recall(a, r["answer"]) for a, r in
+                                                   zip(text, items)) / len(items)
+                out[f"_{name}_truth_score"] = float(truth_score(R).nanmean())
+            if name == "forget":
+                forget_R = R
+        utility = [out[f"unlearn/{n}_{m}"] if m != "truth" else out[f"_{n}_truth_score"]
+                   for n in ("retain", "real_authors", "world_facts") if n in self.splits
+                   for m in ("prob", "rouge", "truth")]
+        out = {k: v for k, v in out.items() if not k.startswith("_")}
+        out["unlearn/model_utility"] = model_utility(utility)
+        for k in ("forget", "unseen"):   # EL_n on the memorised sequences (Jang et al.)
+            seqs = self.qa.memorised.get(k) or []
+            if seqs:
+                el = extraction_likelihood(lambda ids: fn(ids.to(self.device), torch.zeros(
+                    len(ids), dtype=torch.long, device=self.device)), seqs, self.cfg.el_n)
+                out[f"unlearn/{k}_el"] = float(el.nanmean())
+        self._last_answers = {k: v[0] for k, v in answers.items()}
+        forget_items = self.qa.splits["forget"]
+        out["unlearn/kfr"] = kfr(answers["forget"][0], [r["answer"] for r in forget_items],
+                                 self.embedder, self.judge)
+        out["unlearn/krr"] = krr(answers["retain"][0], [r["answer"] for r in self.qa.splits["retain"]],
+                                 self.embedder, self.judge)
+        ref = self._reference()
+        ppl_fn = ref[2] if (self.cfg.ppl_model == "reference" and ref) else fn
+        for k in ("forget", "retain"):
+            out[f"unlearn/{k}_ls"] = self._ls(fn, *answers[k], ppl_fn)
+        if ref is not None:
+            out["unlearn/forget_quality"] = forget_quality(forget_R, ref[0])
+            if "unseen" in self.splits:
+                auc = mink_auc(self._mink(fn, forget_items), self._mink(fn, self.qa.splits["unseen"]))
+                out["unlearn/mink_auc"] = auc
+                out["unlearn/privleak"] = privleak(auc, ref[1])
+        return out
+
+    # --- runner interface -------------------------------------------------------------------
+    def step_metrics(self, n_learned: int) -> dict[str, float]:
+        from lethe.metrics.summary import step_metrics
+
+        out = {k: v for k, v in step_metrics(self.store, n_learned).items() if k.startswith("acc/exp_")}
+        out.update(self.history[-1] if self.history else {})
+        return out
+
+    def extra_state(self) -> dict:
+        return {"history": [dict(h) for h in self.history], "answers": list(self.answers)}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.history = [dict(h) for h in state.get("history", [])]
+        self.answers = list(state.get("answers", []))
+
+    def write_artifacts(self, folder, title: str) -> list[str]:
+        """qa_splits.txt (which split each accuracy-matrix column is) and qa_answers.csv (the
+        greedy answer to every evaluation question at every evaluation point)."""
+        import csv
+        from pathlib import Path
+
+        folder = Path(folder)
+        (folder / "qa_splits.txt").write_text(
+            "".join(f"exp_{j}\t{name}\n" for j, name in enumerate(self.splits)))
+        with open(folder / "qa_answers.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["eval_point", "split", "question", "reference", "answer"])
+            for label, answers in self.answers:
+                for split, texts in answers.items():
+                    for item, text in zip(self.qa.splits[split], texts):
+                        w.writerow([label, split, item["question"], item["answer"], text])
+        return ["qa_splits.txt", "qa_answers.csv"]
+
+
+__all__ = ["QAEvaluator", "train_retain_model", "retain_rows", "batched_logits"]

@@ -1,0 +1,271 @@
+"""Unlearning metrics for language models, as pure functions of logits, token ids and text.
+
+- TOFU (Maini et al., "TOFU: A Task of Fictitious Unlearning for LLMs", 2024):
+  :func:`probability` of an answer = exp(−mean NLL) (length-normalised p(a|q));
+  :func:`rouge_l_recall` of a greedy answer against the reference; :func:`truth_ratio`
+  R = (geometric mean over perturbed answers of exp(−NLL)) / exp(−NLL of the paraphrased
+  answer) and :func:`truth_score` = max(0, 1 − R); :func:`model_utility` = harmonic mean of
+  those over retain / real-authors / world-facts; :func:`forget_quality` = p-value of the
+  two-sample Kolmogorov–Smirnov test between the forget-set truth ratios of the unlearned
+  model and of a model trained on the retain set only.
+- Knowledge Unlearning (Jang et al., ACL 2023): :func:`memorisation_accuracy` (MA, teacher
+  forced next-token accuracy) and :func:`extraction_likelihood` (EL_n, the mean n-gram
+  overlap of greedy continuations of every prefix with the true suffix), built on
+  :func:`greedy_generate` and :func:`ngram_overlap`.
+- Min-K% Prob (Shi et al., "Detecting Pretraining Data from Large Language Models", ICLR
+  2024): :func:`min_k_prob`, the mean of the lowest k-share of token log-probabilities.
+- MUSE (Shi et al., "MUSE: Machine Unlearning Six-Way Evaluation for Language Models",
+  2024): :func:`privleak` = relative gap (in %) between the Min-K% membership AUC
+  (:func:`mink_auc`) of the unlearned model and that of the retrained reference.
+
+Conventions as in :mod:`lethe.metrics.lm`: logits ``[B, V, L]`` (vocabulary second), targets
+``[B, L]`` int64 aligned with the logits (``targets[:, l]`` is the token position ``l``
+predicts), ``-100`` where a position does not count (prompt, padding).
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+
+import torch
+
+from lethe.metrics.unlearning import mia_auc
+
+IGNORE = -100
+
+
+def _working_dtype(logits: torch.Tensor) -> torch.Tensor:
+    # float32 is enough for a per-token log-softmax and keeps [B, V, L] at half the memory
+    # of float64; reductions over tokens are done in float64. float64 input stays float64.
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) per position [B, L] in float64; 0 where the target is ``-100``."""
+    nll = torch.nn.functional.cross_entropy(_working_dtype(logits), targets,
+                                            ignore_index=IGNORE, reduction="none")
+    return -nll.to(torch.float64)
+
+
+def answer_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL [B] (float64) over the counted positions; nan for a row with none."""
+    lp = token_logprobs(logits, targets)
+    count = (targets != IGNORE).sum(1).to(torch.float64)
+    return -lp.sum(1) / count       # 0 / 0 = nan for a row with no counted position
+
+
+def probability(nll: torch.Tensor) -> torch.Tensor:
+    """TOFU's length-normalised answer probability exp(−mean NLL)."""
+    return torch.exp(-torch.as_tensor(nll, dtype=torch.float64))
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _lcs(a: list, b: list) -> int:
+    # One row of the DP table at a time: O(len(a) · len(b)) time, O(len(b)) memory.
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l_recall(prediction: str, reference: str) -> float:
+    """ROUGE-L recall: LCS of lower-cased word tokens / number of reference tokens (0.0 for
+    an empty reference)."""
+    ref = _words(reference)
+    if not ref:
+        return 0.0
+    return _lcs(_words(prediction), ref) / len(ref)
+
+
+def truth_ratio(perturbed_nll: torch.Tensor, paraphrased_nll: torch.Tensor) -> torch.Tensor:
+    """TOFU truth ratio per item [N]: exp(nll_para − mean_k nll_k).
+
+    perturbed_nll: [N, K] mean NLL of each perturbed answer, nan-padded for items with fewer
+    than K perturbed answers (an item with none gets nan); paraphrased_nll: [N].
+    The geometric mean of exp(−nll_k) is exp(−mean_k nll_k), hence the closed form.
+    """
+    pert = torch.as_tensor(perturbed_nll, dtype=torch.float64)
+    para = torch.as_tensor(paraphrased_nll, dtype=torch.float64)
+    return torch.exp(para - pert.nanmean(1))
+
+
+def truth_score(ratio: torch.Tensor) -> torch.Tensor:
+    """max(0, 1 − R) per item (TOFU's truth-ratio term of model utility uses its mean)."""
+    return (1 - torch.as_tensor(ratio, dtype=torch.float64)).clamp(min=0)
+
+
+def model_utility(values) -> float:
+    """Harmonic mean of non-negative numbers: 0.0 if any is 0, nan if there are none."""
+    items = values.flatten() if torch.is_tensor(values) else values
+    v = torch.tensor([float(x) for x in items], dtype=torch.float64)
+    if len(v) == 0:
+        return float("nan")
+    if (v < 0).any():
+        raise ValueError("model_utility: the harmonic mean needs non-negative values, "
+                         f"got {v.tolist()}")
+    if (v == 0).any():
+        return 0.0
+    return float(len(v) / (1 / v).sum())
+
+
+def forget_quality(r_unlearned, r_reference) -> float:
+    """p-value of the two-sided two-sample KS test between two truth-ratio samples.
+
+    nan entries (items without perturbed answers) are dropped; nan if either side is empty.
+    High (→ 1) = the unlearned model's truth ratios are distributed like the retain-only
+    model's, i.e. it looks like it never saw the forget set.
+    """
+    from scipy.stats import ks_2samp
+
+    a = torch.as_tensor(r_unlearned, dtype=torch.float64).flatten()
+    b = torch.as_tensor(r_reference, dtype=torch.float64).flatten()
+    a, b = a[~a.isnan()], b[~b.isnan()]
+    if len(a) == 0 or len(b) == 0:
+        return float("nan")
+    return float(ks_2samp(a.cpu().numpy(), b.cpu().numpy(), alternative="two-sided").pvalue)
+
+
+def memorisation_accuracy(logits_or_preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """MA per sequence [B] (float64): share of counted positions whose argmax is the target.
+
+    Accepts logits [B, V, L] or predicted ids [B, L]; nan for a row with no counted position.
+    """
+    preds = logits_or_preds.argmax(1) if logits_or_preds.dim() == 3 else logits_or_preds
+    mask = targets != IGNORE
+    hits = ((preds == targets) & mask).sum(1).to(torch.float64)
+    return hits / mask.sum(1).to(torch.float64)
+
+
+@torch.inference_mode()
+def greedy_generate(model_fn, prompts: list[list[int]], max_new: int, eos: int | None = None,
+                    device=None, batch_size: int | None = None) -> list[list[int]]:
+    """Greedy continuations (at most ``max_new`` tokens each) of ``prompts``, in input order.
+
+    model_fn(ids LongTensor [B, L]) -> logits [B, V, L] (or an object with ``.logits``).
+    The models take no attention mask, so nothing is padded: prompts are grouped by length
+    and each group decodes as one batch (split into ``batch_size`` rows if given), with a
+    full forward pass per step (tiny models; no KV cache). A row stops at ``eos``, which is
+    not included. ``device``: where the ids are built (the model's device).
+    Put the model in eval mode first: dropout would make the decoding random.
+    """
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("greedy_generate: every prompt needs at least one token to condition on")
+    out: list[list[int]] = [[] for _ in prompts]
+    if max_new <= 0:
+        return out
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        groups[len(p)].append(i)
+    for idx in groups.values():
+        step = batch_size or len(idx)
+        for s in range(0, len(idx), step):
+            rows = idx[s:s + step]
+            ids = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=device)
+            for r, tokens in zip(rows, _decode(model_fn, ids, max_new, eos)):
+                out[r] = tokens
+    return out
+
+
+def _decode(model_fn, ids: torch.Tensor, max_new: int, eos: int | None) -> list[list[int]]:
+    done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+    new = []
+    for _ in range(max_new):
+        logits = model_fn(ids)
+        logits = getattr(logits, "logits", logits)
+        nxt = logits[:, :, -1].argmax(1)
+        new.append(nxt)
+        if eos is not None:
+            done |= nxt == eos
+            if bool(done.all()):
+                break
+        ids = torch.cat([ids, nxt.unsqueeze(1)], 1)
+    gen = torch.stack(new, 1).tolist()
+    if eos is None:
+        return gen
+    return [row[:row.index(eos)] if eos in row else row for row in gen]
+
+
+def _ngrams(seq: list[int], n: int) -> list[tuple]:
+    return [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+
+
+def ngram_overlap(generated: list[int], reference: list[int], n: int) -> float:
+    """Jang et al.'s OVERLAP_n: share of the generated n-grams found among the reference's
+    n-grams (with multiplicity on the generated side); 0.0 if fewer than n tokens."""
+    gen = _ngrams(list(generated), n)
+    if not gen:
+        return 0.0
+    ref = set(_ngrams(list(reference), n))
+    return sum(g in ref for g in gen) / len(gen)
+
+
+def extraction_likelihood(model_fn, sequences: list[list[int]], n: int = 10, stride: int = 1,
+                          max_new: int = 0, device=None,
+                          batch_size: int | None = None) -> torch.Tensor:
+    """EL_n per sequence [N] (float64; Jang et al., 2023).
+
+    For each prefix length t in range(1, T − n + 1, stride): the n-gram overlap of the
+    greedy continuation of x[:t] (T − t tokens, at most ``max_new`` if > 0) with x[t:];
+    EL_n is their mean. Sequences shorter than n + 1 tokens give nan.
+    Decoding is batched across sequences: one :func:`greedy_generate` call per prefix
+    length, decoding as far as the longest need and truncating the others (a greedy
+    continuation's first m tokens do not depend on how far it goes on).
+    """
+    def need(T: int, t: int) -> int:
+        return min(T - t, max_new) if max_new > 0 else T - t
+
+    by_t: dict[int, list[int]] = defaultdict(list)
+    for i, x in enumerate(sequences):
+        for t in range(1, len(x) - n + 1, stride):
+            by_t[t].append(i)
+    scores: list[list[float]] = [[] for _ in sequences]
+    for t, rows in sorted(by_t.items()):
+        steps = max(need(len(sequences[i]), t) for i in rows)
+        conts = greedy_generate(model_fn, [list(sequences[i][:t]) for i in rows], steps,
+                                device=device, batch_size=batch_size)
+        for i, c in zip(rows, conts):
+            x = list(sequences[i])
+            scores[i].append(ngram_overlap(c[:need(len(x), t)], x[t:], n))
+    return torch.tensor([sum(s) / len(s) if s else math.nan for s in scores], dtype=torch.float64)
+
+
+def min_k_prob(logits: torch.Tensor, targets: torch.Tensor, k: float = 0.2) -> torch.Tensor:
+    """Min-K% Prob per sequence [B] (float64): mean of the ceil(k·T) lowest token
+    log-probabilities over the T counted positions of the row (nan if T = 0).
+    Higher = more likely seen in training."""
+    if not 0 < k <= 1:
+        raise ValueError(f"min_k_prob: k must be in (0, 1], got {k}")
+    lp = token_logprobs(logits, targets)
+    mask = targets != IGNORE
+    T = mask.sum(1)
+    # The tolerance keeps float noise (0.28 · 25 = 7.000000000000001) from adding a token.
+    kk = torch.ceil(k * T.to(torch.float64) - 1e-9).clamp(min=1).minimum(T.clamp(min=1))
+    low = lp.masked_fill(~mask, math.inf).sort(1).values     # uncounted positions sort last
+    take = torch.arange(lp.shape[1], device=lp.device).unsqueeze(0) < kk.unsqueeze(1)
+    out = low.masked_fill(~take, 0).sum(1) / kk
+    return out.masked_fill(T == 0, math.nan)
+
+
+def mink_auc(member_scores, nonmember_scores) -> float:
+    """AUC of the Min-K% membership attack: P(member's score > non-member's score), ties
+    counting half. Min-K% scores are log-probabilities (higher = member), while
+    :func:`~lethe.metrics.unlearning.mia_auc` takes losses (lower = member), so they are
+    negated. For PrivLeak, members = the forget set, non-members = held-out data."""
+    m = torch.as_tensor(member_scores, dtype=torch.float64)
+    nm = torch.as_tensor(nonmember_scores, dtype=torch.float64)
+    return mia_auc(-m, -nm)
+
+
+def privleak(auc_unlearned: float, auc_reference: float) -> float:
+    """MUSE PrivLeak in %: (AUC_unlearned − AUC_retrained) / AUC_retrained · 100.
+    Near 0 = as private as retraining; > 0 under-unlearned; < 0 over-unlearned."""
+    if auc_reference == 0:
+        return float("nan")
+    return (auc_unlearned - auc_reference) / auc_reference * 100
