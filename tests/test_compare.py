@@ -81,6 +81,25 @@ def test_unlearning_scatter_plots_forget_quality_against_retain_accuracy():
     assert compare.fig_unlearning(compare.group_runs([_rd("c", {})])) is None
 
 
+def test_llm_unlearning_plot_places_each_run_at_its_utility_and_forget_quality():
+    steps = lambda u0, q0, u1, q1: {"unlearn/model_utility": {0: u0, 1: u1},  # noqa: E731
+                                   "unlearn/forget_quality": {0: q0, 1: q1}}
+    runs = [_rd("ga", {"method.name": "grad_ascent"}, final={"unlearn/model_utility": 0.24,
+                                                            "unlearn/forget_quality": 0.1, "unlearn/kfr": 1.0},
+                hist=steps(0.43, 0.01, 0.24, 0.1)),
+            _rd("lk", {"method.name": "loku"}, final={"unlearn/model_utility": 0.46,
+                                                     "unlearn/forget_quality": 0.0},
+                hist=steps(0.43, 0.01, 0.46, 0.0))]
+    fig = compare.fig_llm_unlearning(compare.group_runs(runs))
+    finals = sorted((t.x[0], t.y[0]) for t in fig.data if t.mode == "markers")
+    assert finals == [(0.24, 0.1), (0.46, 1e-30)]   # forget quality 0 is floored for the log axis
+    paths = sorted((tuple(t.x), tuple(t.y)) for t in fig.data if t.mode == "lines+markers")
+    assert paths == [((0.43, 0.24), (0.01, 0.1)), ((0.43, 0.46), (0.01, 0.0))]
+    assert fig.layout.yaxis.type == "log"
+    assert "kfr: 1" in [t for t in fig.data if t.mode == "markers" and t.x[0] == 0.24][0].text[0]
+    assert compare.fig_llm_unlearning(compare.group_runs([_rd("c", {})])) is None
+
+
 # --- real runs in a sqlite store ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cl_store(tmp_path_factory):

@@ -35,7 +35,10 @@ CURVE_KEYS = ("acc/avg_seen", "acc/avg_all")
 PLOTTED_STATUS = ("FINISHED", "RUNNING")
 TABLE_METRICS = ("acc/avg_seen", "acc/avg_all", "forgetting/avg", "bwt", "fwt", "nfr/prev",
                  "unlearn/forget_acc", "unlearn/retain_acc", "unlearn/test_acc", "unlearn/mia_auc",
-                 "unlearn/serve_s", "unlearn/retrain_samples", "params/trainable")
+                 "unlearn/serve_s", "unlearn/retrain_samples", "params/trainable",
+                 "unlearn/model_utility", "unlearn/forget_quality", "unlearn/forget_ls", "unlearn/kfr",
+                 "unlearn/krr", "unlearn/privleak")
+LLM_KEYS = ("unlearn/model_utility", "unlearn/forget_quality")   # TOFU-style runs (metrics/qa.py)
 MAX_HEATMAPS = 12
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
           "#7f7f7f", "#bcbd22", "#17becf")
@@ -342,6 +345,48 @@ def fig_unlearning(groups: dict[str, list[RunData]]):
     return fig
 
 
+def fig_llm_unlearning(groups: dict[str, list[RunData]]):
+    """TOFU's trade-off plot: model utility (x) vs forget quality (y, log scale) of each run's
+    final model, with the fine-tuned model before the deletion (step 0) as a hollow marker
+    joined to it, so the path of each method is visible; hover shows KFR / KRR / LS / PrivLeak."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    labels = list(groups)
+    found = False
+    for label in labels:
+        runs = [r for r in groups[label] if all(k in r.final for k in LLM_KEYS)]
+        if not runs:
+            continue
+        found = True
+        color = COLORS[labels.index(label) % len(COLORS)]
+        for r in runs:
+            u, q = r.history.get(LLM_KEYS[0], {}), r.history.get(LLM_KEYS[1], {})
+            first = min(set(u) & set(q), default=None)
+            if first is not None and first != max(u):
+                fig.add_trace(go.Scatter(x=[u[first], r.final[LLM_KEYS[0]]], y=[q[first], r.final[LLM_KEYS[1]]],
+                                         mode="lines+markers", showlegend=False, hoverinfo="skip",
+                                         line=dict(color=color, width=1, dash="dot"),
+                                         marker=dict(symbol=["circle-open", "circle"], size=[10, 1],
+                                                     color=color)))
+        hover = [f"{html.escape(r.name)}" + "".join(
+            f"<br>{k.split('/')[1]}: {r.final[k]:.4g}" for k in
+            ("unlearn/kfr", "unlearn/krr", "unlearn/forget_ls", "unlearn/privleak", "unlearn/serve_s")
+            if k in r.final) for r in runs]
+        fig.add_trace(go.Scatter(x=[r.final[LLM_KEYS[0]] for r in runs],
+                                 y=[max(r.final[LLM_KEYS[1]], 1e-30) for r in runs],
+                                 mode="markers", name=label, text=hover,
+                                 marker=dict(size=14, color=color, line=dict(width=1, color="#333")),
+                                 hovertemplate="%{text}<extra>" + html.escape(label) + "</extra>"))
+    if not found:
+        return None
+    fig.update_yaxes(type="log", title_text="forget quality (unlearn/forget_quality, log)")
+    fig.update_xaxes(title_text="model utility (unlearn/model_utility)")
+    fig.update_layout(height=420, template="plotly_white", margin=dict(t=40, b=50, l=60, r=20),
+                      title="hollow: before the deletion (after fine-tuning); filled: after unlearning")
+    return fig
+
+
 # --- page -------------------------------------------------------------------------------------------
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222}
@@ -425,7 +470,7 @@ def render_page(runs: list[RunData], title: str, subtitle: str) -> str:
     groups = {}
     for label, members in group_runs(runs).items():
         plotted = [r for r in members if r.status in PLOTTED_STATUS
-                   and any(k in r.history for k in CURVE_KEYS)]
+                   and any(k in r.history for k in CURVE_KEYS + LLM_KEYS)]
         if plotted:
             groups[label] = plotted
     sections = []
@@ -435,7 +480,9 @@ def render_page(runs: list[RunData], title: str, subtitle: str) -> str:
              "experience j)", "heatmaps", fig_heatmaps(groups)),
             ("Forgetting, backward transfer and negative flips (mean ± std across seeds)", "bars",
              fig_bars(groups)),
-            ("Unlearning trade-off", "unlearning", fig_unlearning(groups))]
+            ("Unlearning trade-off", "unlearning", fig_unlearning(groups)),
+            ("LLM unlearning: forget quality vs model utility (TOFU)", "llm_unlearning",
+             fig_llm_unlearning(groups))]
     for heading, div_id, fig in figs:
         if fig is None or not groups:
             continue

@@ -157,6 +157,44 @@ METRICS: tuple[MetricDoc, ...] = (
               "—", "Chowdhury et al., S3T, ICLR 2025"),
     MetricDoc("unlearn/live_seq/shard_<j>", "S3T sequences of shard j with a non-empty prefix",
               "—", "Chowdhury et al., S3T, ICLR 2025"),
+    # --- LLM unlearning on TOFU-style QA streams (lethe/metrics/qa.py; at every evaluation point)
+    MetricDoc("unlearn/<name>_prob", "mean over the split's items of exp(−mean answer-token NLL) given "
+              "the question; on real_authors / world_facts p(a) / Σ p over the true and perturbed answers",
+              "TOFU probability (length-normalised)", "Maini et al., TOFU, 2024",
+              "<name> = forget | retain | real_authors | world_facts | unseen"),
+    MetricDoc("unlearn/<name>_rouge", "mean ROUGE-L recall (word LCS / reference words) of the greedy answer",
+              "ROUGE-L recall", "Maini et al., TOFU, 2024 (Lin, 2004)", "lower-cased alphanumeric words"),
+    MetricDoc("unlearn/<name>_truth_ratio", "mean over items of R = exp(NLL_paraphrased − mean_k NLL_perturbed_k)",
+              "truth ratio (geometric mean over perturbed answers / paraphrased answer)",
+              "Maini et al., TOFU, 2024", "the utility uses mean max(0, 1 − R); TOFU's plots show R itself"),
+    MetricDoc("unlearn/<name>_ma", "mean over the split's answers of the share of answer tokens the model's "
+              "teacher-forced argmax predicts", "memorisation accuracy MA", "Jang et al., ACL 2023",
+              "'done' when forget_ma ≤ unseen_ma (authors never trained on)"),
+    MetricDoc("unlearn/model_utility", "harmonic mean of {prob, ROUGE, mean max(0, 1 − R)} over retain, "
+              "real_authors, world_facts", "TOFU model utility", "Maini et al., TOFU, 2024"),
+    MetricDoc("unlearn/forget_quality", "KS-test p-value between the forget-set truth ratios of the model "
+              "and of a retain-only model trained by the platform (same model, train settings, seed)",
+              "TOFU forget quality", "Maini et al., TOFU, 2024", "higher = closer to never having seen the data"),
+    MetricDoc("unlearn/<name>_el", "mean over memorised (TDEC-style) sequences of EL_n: mean over prefixes "
+              "of the n-gram overlap of the greedy continuation with the true suffix (n = scenario.el_n)",
+              "extraction likelihood EL_n", "Jang et al., ACL 2023", "<name> = forget | unseen"),
+    MetricDoc("unlearn/mink_auc", "AUC separating forget answers (members) from unseen answers by Min-K% "
+              "prob (k = scenario.mink_k)", "Min-K% prob membership inference", "Shi et al., ICLR 2024"),
+    MetricDoc("unlearn/privleak", "(AUC_model − AUC_retain_only) / AUC_retain_only · 100 of unlearn/mink_auc",
+              "PrivLeak", "Shi et al., MUSE, 2024", "0 = leaks as much as a model that never saw the forget set"),
+    MetricDoc("unlearn/kfr", "mean over forget items of 1[NLI contradiction ∨ E ≤ θ1] (θ1 = 0.3, 0.5 with ≤ 3 "
+              "entities), E = share of the answer's entities matched (cosine ≥ 0.8) in the greedy answer",
+              "knowledge forgetting rate", "Xu et al., ReLearn, 2025",
+              "offline defaults: MiniLM embedder, rule-based entities and NLI judge (scenario.embedder / judge)"),
+    MetricDoc("unlearn/krr", "mean over retain items of 1[not contradiction ∧ E ≥ 0.3]",
+              "knowledge retention rate", "Xu et al., ReLearn, 2025", "same pluggable judges as kfr"),
+    MetricDoc("unlearn/<name>_ls", "mean over the split's greedy answers of the harmonic mean of 1/(1+PPL), "
+              "1/(1+W), H/(1+H); W = N^(V^−0.165), H = 100 ln N / (1 − V1/V + 0.1)",
+              "Linguistic Score", "Xu et al., ReLearn, 2025",
+              "PPL from the evaluated model (scenario.ppl_model: self | reference); an empty answer scores 0"),
+    MetricDoc("unlearn/unlearn_steps", "optimizer steps spent serving the deletion request", "—", "—"),
+    MetricDoc("unlearn/target_reached", "1 when the method stopped because forget MA ≤ unseen MA "
+              "(method.stop_at_target), 0 at the epoch cap", "—", "Jang et al., ACL 2023"),
     MetricDoc("mos/stored_adapter_bytes", "bytes of the adapter copies MOS stores (one per task)",
               "storage cost", "Sun et al., MOS, AAAI 2025"),
     MetricDoc("mos/class_statistics_bytes", "bytes of the per-class Gaussian statistics (means, covariances)",
