@@ -13,6 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LETHE = [sys.executable, "-m", "lethe.platform.cli"]
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# The suite's models are tiny: one intra-op thread per process (subprocesses inherit it) is
+# faster than several fighting over a small shared machine's cores (measured ~12× per step).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Every metric key logged by any run of the suite (subprocesses too) is appended here;
 # tests/test_zz_metrics_reference.py checks them against docs/metrics.md at the end.
 METRIC_KEYS_FILE = Path(tempfile.mkdtemp(prefix="lethe-keys-")) / "keys.txt"

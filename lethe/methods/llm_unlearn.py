@@ -127,7 +127,7 @@ class LLMUnlearner(Method):
                 opt.step()
                 steps += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}")
                 if target is not None and steps % max(1, cfg.check_every) == 0 and self._reached(target):
                     reached = True
                     break
