@@ -191,9 +191,9 @@ def test_loku_starts_unchanged_changes_only_lora_weights_and_serves_the_merge(le
     targets = fila_targets(m.model.lm)
     probe = stream.train.x[:6]
     seen = {}
-    inner_before, inner_after = m.before_unlearn, m.after_unlearn
+    inner_before, inner_after = m.prepare_unlearning, m.finish_unlearning
 
-    def before_unlearn(*args):
+    def prepare_unlearning(*args):
         with torch.no_grad():
             seen["logits0"] = m.model(probe)
         inner_before(*args)
@@ -201,7 +201,7 @@ def test_loku_starts_unchanged_changes_only_lora_weights_and_serves_the_merge(le
             seen["logits1"] = m.model(probe)
         seen["wrapped"] = isinstance(m.model.lm, PeftModel)
 
-    def after_unlearn():
+    def finish_unlearning():
         lm = m.model.lm.get_base_model()
         seen["parts"] = {}
         for n in targets:
@@ -212,7 +212,7 @@ def test_loku_starts_unchanged_changes_only_lora_weights_and_serves_the_merge(le
                                 float(layer.scaling["default"]))
         inner_after()
 
-    m.before_unlearn, m.after_unlearn = before_unlearn, after_unlearn
+    m.prepare_unlearning, m.finish_unlearning = prepare_unlearning, finish_unlearning
     m.unlearn(request_of(stream))
 
     # FILA moves the forget-relevant part of W into A, B; the wrapped model is the same function

@@ -460,3 +460,45 @@ def test_ga_tofu_synthetic_run_logs_unlearning_metrics(tmp_path, store):
         for f in client.list_artifacts(rid, todo.pop()):
             (todo.append(f.path) if f.is_dir else arts.add(f.path.split("/")[-1]))
     assert {"qa_answers.csv", "qa_splits.txt"} <= arts, arts
+
+
+def test_retain_only_reference_leaves_the_run_rng_alone_and_is_trained_once(tmp_path):
+    """The platform's retain-only model: trained on the rows outside the request only (its
+    weights equal a model trained here on exactly those rows with the same seed and batch
+    order), cached per config, and without touching the run's RNG streams."""
+    from lethe.methods.base import make_optimizer
+    from lethe.metrics.qa import lm_loss, train_retain_model
+    from lethe.platform.config import load_config
+    from lethe.platform.runner import build_components
+
+    cfg = load_config(str(ROOT / "conf" / "ga_tofu_synthetic.yaml"), [
+        f"scenario.cache_dir={tmp_path}", "scenario.authors=6", "scenario.forget_percent=17",
+        "scenario.forget_split=forget17", "scenario.unseen_authors=2", "model.d_model=16",
+        "model.layers=1", "train.epochs=2", "train.batch_size=16"])
+    stream, model, _ = build_components(cfg)
+    torch.manual_seed(123)
+    ref = train_retain_model(cfg, stream, torch.device("cpu"))
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(3))            # the caller's stream is unchanged
+    assert train_retain_model(cfg, stream, torch.device("cpu")) is ref   # cached
+    # the same training by hand: retain rows = every row outside the deletion request
+    keep = ~torch.isin(stream.train.ids, stream.experiences[1].request.sample_ids)
+    x, y = stream.train.x[keep], stream.train.y[keep]
+    assert len(x) == len(stream.train.x) - len(stream.experiences[1].request.sample_ids)
+    torch.manual_seed(cfg.seed)
+    from lethe import registry
+    from lethe.models.vision import ModelInfo
+
+    mine = registry.get("models", "hf_causal_lm").obj(
+        cfg.model, ModelInfo(input_shape=stream.input_shape, n_classes=stream.n_classes))
+    opt = make_optimizer(mine.parameters(), cfg.train)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    mine.train()
+    for _ in range(cfg.train.epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(cfg.train.batch_size):
+            opt.zero_grad(set_to_none=True)
+            lm_loss(mine(x[idx]), y[idx]).backward()
+            opt.step()
+    for (n, a), (_, b) in zip(ref.state_dict().items(), mine.state_dict().items()):
+        assert torch.equal(a, b), n

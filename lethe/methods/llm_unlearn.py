@@ -63,10 +63,10 @@ class LLMUnlearner(Method):
         """The rows the unlearning loop iterates over (ReLearn: augmented ones)."""
         return fx, fy
 
-    def before_unlearn(self, fx, fy, rx, ry) -> None:
+    def prepare_unlearning(self, fx, fy, rx, ry) -> None:
         """Set-up with the request's data (LoKU: FILA; ReLearn: the reference model)."""
 
-    def after_unlearn(self) -> None:
+    def finish_unlearning(self) -> None:
         """Merge LoRA adapters (if any) so the served model is a plain LM again."""
         from peft import PeftModel
 
@@ -106,7 +106,7 @@ class LLMUnlearner(Method):
         if len(rx) == 0:
             raise RunError("the deletion request leaves no retain rows to pair the forget rows with")
         self.model.train()
-        self.before_unlearn(fx, fy, rx, ry)
+        self.prepare_unlearning(fx, fy, rx, ry)
         fx, fy = self.forget_rows(fx, fy, request)
         opt = make_optimizer(self.trainable(), SimpleNamespace(
             optimizer=cfg.optimizer, lr=cfg.lr, momentum=0.9, weight_decay=0.0))
@@ -134,7 +134,7 @@ class LLMUnlearner(Method):
             if reached:
                 break
         bar.close()
-        self.after_unlearn()
+        self.finish_unlearning()
         self.model.eval()
         self.stats = {"serve_s": time.perf_counter() - t0, "unlearn_steps": steps,
                       "target_reached": float(reached) if target is not None else float("nan")}

@@ -226,7 +226,7 @@ class Loku(LLMUnlearner):
 
     name = "loku"
 
-    def before_unlearn(self, fx, fy, rx, ry) -> None:
+    def prepare_unlearning(self, fx, fy, rx, ry) -> None:
         import torch
 
         from lethe.platform.errors import ConfigError

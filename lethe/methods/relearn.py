@@ -51,7 +51,7 @@ class Relearn(LLMUnlearner):
 
     name = "relearn"
 
-    def before_unlearn(self, fx, fy, rx, ry) -> None:
+    def prepare_unlearning(self, fx, fy, rx, ry) -> None:
         import copy
 
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -114,6 +114,6 @@ class Relearn(LLMUnlearner):
         return (lm_nll(self.model(fx), fy) + self.cfg.retain_weight * lm_nll(logits_r, ry)
                 + self.cfg.kl_weight * kl_ref(logits_r, ref, ry))
 
-    def after_unlearn(self) -> None:
-        super().after_unlearn()
+    def finish_unlearning(self) -> None:
+        super().finish_unlearning()
         del self.reference

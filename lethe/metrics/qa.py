@@ -65,23 +65,26 @@ def train_retain_model(cfg, stream, device):
     from lethe.methods.base import make_optimizer
     from lethe.models.vision import ModelInfo
 
+    from tqdm.auto import tqdm
+
     key = OmegaConf.to_yaml({"s": cfg.scenario, "m": cfg.model, "t": cfg.train, "seed": cfg.seed})
     if key in _REFERENCES:
         return _REFERENCES[key]
-    torch.manual_seed(cfg.seed)
-    model = registry.get("models", cfg.model.name).obj(
-        cfg.model, ModelInfo(input_shape=stream.input_shape, n_classes=stream.n_classes)).to(device)
-    x, y = retain_rows(stream)
-    opt = make_optimizer(model.parameters(), cfg.train)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model.train()
-    from tqdm.auto import tqdm
-
-    for _ in tqdm(range(cfg.train.epochs), desc="retain-only reference", unit="epoch", disable=None):
-        for idx in torch.randperm(len(x), generator=gen).split(cfg.train.batch_size):
-            opt.zero_grad(set_to_none=True)
-            lm_loss(model(x[idx].to(device)), y[idx].to(device)).backward()
-            opt.step()
+    # its own RNG streams: the run's results must not depend on whether the reference was
+    # trained in this process already (benchmarks share it) or after a resume
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        model = registry.get("models", cfg.model.name).obj(
+            cfg.model, ModelInfo(input_shape=stream.input_shape, n_classes=stream.n_classes)).to(device)
+        x, y = retain_rows(stream)
+        opt = make_optimizer(model.parameters(), cfg.train)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        model.train()
+        for _ in tqdm(range(cfg.train.epochs), desc="retain-only reference", unit="epoch", disable=None):
+            for idx in torch.randperm(len(x), generator=gen).split(cfg.train.batch_size):
+                opt.zero_grad(set_to_none=True)
+                lm_loss(model(x[idx].to(device)), y[idx].to(device)).backward()
+                opt.step()
     model.eval()
     _REFERENCES[key] = model
     return model
