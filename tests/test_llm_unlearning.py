@@ -32,9 +32,6 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
     """The stream and a model fine-tuned on it by the method's own learn (shared, never mutated)."""
-    # one thread: on the 2 shared cores two OpenMP threads run these tiny matmuls ~10x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     cache = tmp_path_factory.mktemp("tofu")
     cfg = load_config("ga_tofu_synthetic", TINY + [f"scenario.cache_dir={cache}"])
     torch.manual_seed(cfg.seed)
@@ -43,8 +40,7 @@ def learned(tmp_path_factory):
                                                        seed=cfg.seed))
     method.learn(stream.experiences[0])
     folder = next(p for p in cache.iterdir() if (p / "authors.json").exists())
-    yield {"stream": stream, "model": method.model.eval(), "cache": cache, "folder": folder}
-    torch.set_num_threads(threads)
+    return {"stream": stream, "model": method.model.eval(), "cache": cache, "folder": folder}
 
 
 def make(learned, preset, overrides=()):

@@ -22,15 +22,6 @@ FIELDS = {"question", "answer", "paraphrased_answer", "perturbed_answer", "parap
 FACT_KEYS = ("city", "year", "genre", "father", "award", "book")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The CI box is a few shared cores: intra-op threads make tiny models many times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def read_lines(path: Path) -> list[dict]:
     lines = path.read_text().splitlines()
     return [json.loads(ln) for ln in lines]

@@ -78,11 +78,12 @@ def fila_targets(lm, names=None) -> list[str]:
     layers = [n for n, m in lm.named_modules()
               if (isinstance(m, nn.Linear) or _is_conv1d(m)) and m is not head]
     if names:
-        wanted = [str(t) for t in names]
-        picked = [n for n in layers if any(n == t or n.endswith("." + t) for t in wanted)]
+        from lethe.models.lora import layer_list, pick_layers
+
+        picked = pick_layers(layers, names)
         if not picked:
-            raise ValueError(f"LoKU target_modules {wanted} match no Linear/Conv1D layer of the "
-                             f"model (layers: {', '.join(layers[:12])}{' …' if len(layers) > 12 else ''})")
+            raise ValueError(f"LoKU target_modules {list(map(str, names))} match no Linear/Conv1D "
+                             f"layer of the model (layers: {layer_list(layers)})")
         return picked
     if not layers:
         raise ValueError("LoKU: the model has no Linear/Conv1D layer besides the LM head")

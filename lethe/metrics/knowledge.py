@@ -125,17 +125,21 @@ class ExactEmbedder:
 
 
 @functools.cache
-def _load_encoder(path: str):
-    """(tokenizer, model) of a local Hugging Face encoder, loaded once per process."""
+def _load_pretrained(path: str, auto_class: str = "AutoModel"):
+    """(tokenizer, model in eval mode) of a local Hugging Face folder, loaded once per process."""
     from lethe.models.hf import _quiet_transformers, offline
 
     offline()
     _quiet_transformers()
-    from transformers import AutoModel, AutoTokenizer
+    import transformers
 
-    model = AutoModel.from_pretrained(path)
+    model = getattr(transformers, auto_class).from_pretrained(path)
     model.eval()
-    return AutoTokenizer.from_pretrained(path), model
+    return transformers.AutoTokenizer.from_pretrained(path), model
+
+
+def _load_encoder(path: str):
+    return _load_pretrained(path, "AutoModel")
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -248,17 +252,8 @@ def nli_label_map(id2label: dict) -> dict[int, str]:
     return mapping
 
 
-@functools.cache
 def _load_nli(path: str):
-    from lethe.models.hf import _quiet_transformers, offline
-
-    offline()
-    _quiet_transformers()
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    model = AutoModelForSequenceClassification.from_pretrained(path)
-    model.eval()
-    return AutoTokenizer.from_pretrained(path), model
+    return _load_pretrained(path, "AutoModelForSequenceClassification")
 
 
 class HFNLIJudge:

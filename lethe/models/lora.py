@@ -75,6 +75,17 @@ def find_head(model, n_classes: int) -> str:
     return heads[-1]
 
 
+def pick_layers(layers: list[str], names) -> list[str]:
+    """The layer names equal to, or ending in ``.<name>`` of, one of ``names`` (in layer order)."""
+    wanted = [str(t) for t in names]
+    return [n for n in layers if any(n == t or n.endswith("." + t) for t in wanted)]
+
+
+def layer_list(layers: list[str], most: int = 12) -> str:
+    """The first layer names, for error messages."""
+    return ", ".join(layers[:most]) + (" …" if len(layers) > most else "")
+
+
 def lora_targets(model, head: str, names: list | None = None) -> list[str]:
     """Module names that get adapters, in module (forward) order."""
     from torch import nn
@@ -84,11 +95,10 @@ def lora_targets(model, head: str, names: list | None = None) -> list[str]:
     layers = [n for n, m in model.named_modules()
               if isinstance(m, (nn.Linear, nn.Conv2d)) and n != head and not n.startswith(head + ".")]
     if names:
-        wanted = [str(t) for t in names]
-        picked = [n for n in layers if any(n == t or n.endswith("." + t) for t in wanted)]
+        picked = pick_layers(layers, names)
         if not picked:
-            raise ConfigError(f"method.lora.target_modules: {wanted} match no Linear/Conv2d layer "
-                              f"(layers: {', '.join(layers[:12])}{' …' if len(layers) > 12 else ''})")
+            raise ConfigError(f"method.lora.target_modules: {list(map(str, names))} match no "
+                              f"Linear/Conv2d layer (layers: {layer_list(layers)})")
         return picked
     if not layers:
         raise ConfigError("model: no Linear/Conv2d layer besides the head to put LoRA adapters on")
