@@ -66,3 +66,24 @@ def test_input_errors_found_while_building_exit_2(tmp_path, args, expected):
     assert res.returncode == 2, res.stderr
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and expected in lines[0], res.stderr
+
+
+def test_sqlite_store_keeps_artifacts_next_to_its_database(tmp_path, monkeypatch):
+    """Artifacts of a SQLite store go to <db folder>/artifacts/<experiment>, not ./mlruns of the
+    folder a run happens to start in."""
+    from lethe.platform.tracking import Tracker
+
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "my exp/1")
+    tracker.start("r", {}, {})
+    note = tmp_path / "note.txt"
+    note.write_text("kept")
+    tracker.log_file(note)
+    tracker.end("FINISHED")
+    saved = tmp_path / "artifacts" / "my_exp_1" / tracker.run_id / "artifacts" / "note.txt"
+    assert saved.read_text() == "kept"
+    assert not (work / "mlruns").exists()
+    path = tracker.client.download_artifacts(tracker.run_id, "note.txt", str(tmp_path))
+    assert open(path).read() == "kept"

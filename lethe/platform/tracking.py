@@ -21,6 +21,19 @@ def git_commit() -> str | None:
         return None
 
 
+def artifact_root(uri: str, experiment: str) -> str | None:
+    """Artifacts of a SQLite store live next to its database (``<db folder>/artifacts/<experiment>``)
+    rather than in ``./mlruns`` of whatever folder a run was started from; other stores keep
+    MLflow's default (None)."""
+    import re
+    from pathlib import Path
+
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    return (db.parent.resolve() / "artifacts" / re.sub(r"[^\w.-]+", "_", experiment)).as_uri()
+
+
 class Tracker:
     """A thin layer over the MLflow client for one run."""
 
@@ -31,7 +44,8 @@ class Tracker:
         self.uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
         self.client = MlflowClient(tracking_uri=self.uri)
         exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+            experiment, artifact_location=artifact_root(self.uri, experiment))
         self.experiment = experiment
         self.run_id: str | None = None
 
