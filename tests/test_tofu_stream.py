@@ -493,3 +493,24 @@ def test_retain_only_reference_leaves_the_run_rng_alone_and_is_trained_once(tmp_
             opt.step()
     for (n, a), (_, b) in zip(ref.state_dict().items(), mine.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+def test_linguistic_score_aggregates_ppl_w_h_over_answers_then_combines(evaluated):
+    """ReLearn's evaluation: means over the greedy answers of PPL, Brunet's W and Honoré's H,
+    then the harmonic mean of 1/(1+PPL), 1/(1+W), H/(1+H) — recomputed here by hand."""
+    e = evaluated
+    for split in ("forget", "retain"):
+        ppl, ws, hs = [], [], []
+        for r in e.splits[split]:
+            answer = e.loop.greedy(r["question"])
+            ppl.append(math.exp(e.loop.nll(r["question"], answer)))
+            w = re.findall(r"[a-z0-9']+", answer.lower())
+            n, counts = len(w), {}
+            for t in w:
+                counts[t] = counts.get(t, 0) + 1
+            v, v1 = len(counts), sum(1 for c in counts.values() if c == 1)
+            ws.append(n ** (v ** -0.165) if n else 1000.0)
+            hs.append(100 * math.log(n) / (1 - v1 / v + 0.1) if n > 1 else 0.0)
+        p, w, h = (sum(x) / len(x) for x in (ppl, ws, hs))
+        parts = (1 / (1 + p), 1 / (1 + w), h / (1 + h))
+        assert e.metrics[f"unlearn/{split}_ls"] == pytest.approx(3 / sum(1 / x for x in parts), rel=1e-6)

@@ -171,20 +171,24 @@ class QAEvaluator:
         return [tok.decode(g) for g in outs], outs, prompts
 
     def _ls(self, fn, answers, tokens, prompts, ppl_fn) -> float:
-        """Mean Linguistic Score of the greedy answers (PPL from ppl_fn, W and H from words)."""
+        """Linguistic Score of a split's greedy answers, aggregated as ReLearn's evaluation does:
+        the means over answers of PPL (of the answer given its question, by ppl_fn), Brunet's W
+        and Honoré's H, then the harmonic mean of 1/(1+PPL), 1/(1+W), H/(1+H). An empty answer
+        counts W = 1000 and H = 0 (so does the reference code); H = 0 for a one-word answer."""
         from lethe.metrics.knowledge import brunet_w, honore_h, linguistic_score, words
 
         pairs = [(p, t + [self.qa.tokenizer.eos]) for p, t in zip(prompts, tokens)]
-        nll = self._nll(ppl_fn, pairs)
-        scores = []
+        nll = self._nll(ppl_fn, pairs).clamp(max=700.0)
+        if not answers:
+            return float("nan")
+        ppl, ws, hs = [], [], []
         for a, v in zip(answers, nll.tolist()):
             w = words(a)
-            if not w:
-                scores.append(0.0)
-                continue
-            ppl = math.exp(min(v, 700.0)) if v == v else float("inf")
-            scores.append(linguistic_score(ppl, brunet_w(w), honore_h(w)))
-        return float(sum(scores) / len(scores)) if scores else float("nan")
+            ppl.append(math.exp(v))
+            ws.append(brunet_w(w) if w else 1000.0)
+            hs.append(honore_h(w) if len(w) > 1 else 0.0)
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        return linguistic_score(mean(ppl), mean(ws), mean(hs))
 
     def _mink(self, fn, items) -> torch.Tensor:
         from lethe.metrics.tofu import min_k_prob

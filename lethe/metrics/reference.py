@@ -188,10 +188,11 @@ METRICS: tuple[MetricDoc, ...] = (
               "offline defaults: MiniLM embedder, rule-based entities and NLI judge (scenario.embedder / judge)"),
     MetricDoc("unlearn/krr", "mean over retain items of 1[not contradiction ∧ E ≥ 0.3]",
               "knowledge retention rate", "Xu et al., ReLearn, 2025", "same pluggable judges as kfr"),
-    MetricDoc("unlearn/<name>_ls", "mean over the split's greedy answers of the harmonic mean of 1/(1+PPL), "
-              "1/(1+W), H/(1+H); W = N^(V^−0.165), H = 100 ln N / (1 − V1/V + 0.1)",
+    MetricDoc("unlearn/<name>_ls", "harmonic mean of 1/(1+PPL), 1/(1+W), H/(1+H) of the means over the "
+              "split's greedy answers of PPL, W = N^(V^−0.165), H = 100 ln N / (1 − V1/V + 0.1)",
               "Linguistic Score", "Xu et al., ReLearn, 2025",
-              "PPL from the evaluated model (scenario.ppl_model: self | reference); an empty answer scores 0"),
+              "PPL from the evaluated model (scenario.ppl_model: self | reference; ReLearn's code uses an "
+              "external LLM judge); an empty answer counts W = 1000, H = 0, as in the reference code"),
     MetricDoc("unlearn/unlearn_steps", "optimizer steps spent serving the deletion request", "—", "—"),
     MetricDoc("unlearn/target_reached", "1 when the method stopped because forget MA ≤ unseen MA "
               "(method.stop_at_target), 0 at the epoch cap", "—", "Jang et al., ACL 2023"),
