@@ -213,3 +213,29 @@ def test_minilm_embedder_cosines_and_manual_mean_pool():
     # end to end: the same entity in other words still matches, an unrelated one does not
     assert entity_score("Born in Vornhal.", "He lives in Vornhal.", MiniLMEmbedder()) == 1.0
     assert entity_score("He won the Silver Quill Prize.", "He lives in Vornhal.", MiniLMEmbedder()) == 0.0
+
+
+def test_text_perplexities_is_the_masked_response_nll_of_a_local_causal_lm(tmp_path):
+    """The external fluency judge: exp(mean NLL of the response tokens given the query) under
+    a local causal LM with its own tokenizer, recomputed by hand from the logits."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from lethe.metrics.knowledge import text_perplexities
+    from lethe.models.hf import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_embd=32, n_layer=1, n_head=2, n_positions=128))
+    lm.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    q, r = "Question: Where was Kavel Mordane born?\nAnswer:", "Kavel Mordane was born in Vornhal."
+    got = text_perplexities(str(tmp_path), [q, q], [r, ""])
+    n_q = len(tok(q)["input_ids"])
+    ids = tok(q + " " + r)["input_ids"]
+    lm.eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(lm(torch.tensor([ids])).logits[0].double(), -1)
+    nll = [-float(logp[t - 1, ids[t]]) for t in range(n_q, len(ids))]
+    assert got[0] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
+    assert math.isnan(got[1])   # an empty response has no token to score

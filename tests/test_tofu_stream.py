@@ -514,3 +514,17 @@ def test_linguistic_score_aggregates_ppl_w_h_over_answers_then_combines(evaluate
         p, w, h = (sum(x) / len(x) for x in (ppl, ws, hs))
         parts = (1 / (1 + p), 1 / (1 + w), h / (1 + h))
         assert e.metrics[f"unlearn/{split}_ls"] == pytest.approx(3 / sum(1 / x for x in parts), rel=1e-6)
+
+
+def test_ppl_model_that_is_no_folder_is_a_config_error(evaluated):
+    import copy
+
+    from omegaconf import OmegaConf
+
+    from lethe.metrics.qa import QAEvaluator
+
+    stream = copy.copy(evaluated.s)
+    stream.qa_config = OmegaConf.merge(evaluated.s.qa_config, {"ppl_model": "/no/such/judge"})
+    with pytest.raises(ConfigError, match=r"scenario.ppl_model: '/no/such/judge' is neither self, "
+                                          r"reference nor a local causal LM folder"):
+        QAEvaluator(stream, "cpu")

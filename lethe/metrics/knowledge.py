@@ -138,6 +138,28 @@ def _load_pretrained(path: str, auto_class: str = "AutoModel"):
     return transformers.AutoTokenizer.from_pretrained(path), model
 
 
+def text_perplexities(path: str, queries: list[str], responses: list[str]) -> list[float]:
+    """Perplexity of each response given its query under a local causal LM (its own tokenizer;
+    query tokens masked), one pair at a time — the fluency judge of ReLearn's evaluation."""
+    import os
+
+    import torch
+
+    tokenizer, model = _load_pretrained(os.path.expanduser(path), "AutoModelForCausalLM")
+    out = []
+    with torch.inference_mode():
+        for q, r in zip(queries, responses):
+            n_query = len(tokenizer(q)["input_ids"])
+            ids = torch.tensor([tokenizer(q + " " + r)["input_ids"]])
+            labels = ids.clone()
+            labels[:, :n_query] = -100
+            if int((labels[:, 1:] != -100).sum()) == 0:   # an empty response: nothing to score
+                out.append(float("nan"))                      # (left out of the mean, as ReLearn)
+                continue
+            out.append(math.exp(min(float(model(input_ids=ids, labels=labels).loss), 700.0)))
+    return out
+
+
 def _load_encoder(path: str):
     return _load_pretrained(path, "AutoModel")
 

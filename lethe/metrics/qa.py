@@ -119,6 +119,14 @@ class QAEvaluator:
             self.judge = HFNLIJudge(judge)
         else:
             self.judge = load_plugin(judge, RuleJudge)
+        if self.cfg.ppl_model not in ("self", "reference"):
+            import os
+
+            from lethe.platform.errors import ConfigError
+
+            if not os.path.isdir(os.path.expanduser(self.cfg.ppl_model)):
+                raise ConfigError(f"scenario.ppl_model: '{self.cfg.ppl_model}' is neither self, "
+                                  f"reference nor a local causal LM folder")
         self.history: list[dict[str, float]] = []
         self.answers: list[tuple[str, dict]] = []   # (label, {split: greedy answers}) per point
         self._reference_stats = None
@@ -170,25 +178,39 @@ class QAEvaluator:
                 outs[i] = g
         return [tok.decode(g) for g in outs], outs, prompts
 
-    def _ls(self, fn, answers, tokens, prompts, ppl_fn) -> float:
+    def _answer_ppl(self, fn, items, answers, tokens, prompts, ref) -> list[float]:
+        """Perplexity of each greedy answer given its question: by the evaluated model
+        (``ppl_model: self``), the retain-only model (``reference``), or an external causal LM
+        from a local folder — ReLearn's evaluation uses a fluent LLM judge — scoring the text."""
+        from lethe.scenarios.tofu import PROMPT
+
+        mode = self.cfg.ppl_model
+        if mode in ("self", "reference"):
+            judge = ref[2] if (mode == "reference" and ref) else fn
+            pairs = [(p, t + [self.qa.tokenizer.eos]) for p, t in zip(prompts, tokens)]
+            return self._nll(judge, pairs).clamp(max=700.0).exp().tolist()
+        from lethe.metrics.knowledge import text_perplexities
+
+        return text_perplexities(mode, [PROMPT.format(question=r["question"]) for r in items], answers)
+
+    @staticmethod
+    def _ls(answers, ppl) -> float:
         """Linguistic Score of a split's greedy answers, aggregated as ReLearn's evaluation does:
-        the means over answers of PPL (of the answer given its question, by ppl_fn), Brunet's W
-        and Honoré's H, then the harmonic mean of 1/(1+PPL), 1/(1+W), H/(1+H). An empty answer
-        counts W = 1000 and H = 0 (so does the reference code); H = 0 for a one-word answer."""
+        the means over answers of PPL, Brunet's W and Honoré's H, then the harmonic mean of
+        1/(1+PPL), 1/(1+W), H/(1+H). An empty answer counts W = 1000 and H = 0 (so does the
+        reference code); H = 0 for a one-word answer."""
         from lethe.metrics.knowledge import brunet_w, honore_h, linguistic_score, words
 
-        pairs = [(p, t + [self.qa.tokenizer.eos]) for p, t in zip(prompts, tokens)]
-        nll = self._nll(ppl_fn, pairs).clamp(max=700.0)
         if not answers:
             return float("nan")
-        ppl, ws, hs = [], [], []
-        for a, v in zip(answers, nll.tolist()):
+        ws, hs = [], []
+        for a in answers:
             w = words(a)
-            ppl.append(math.exp(v))
             ws.append(brunet_w(w) if w else 1000.0)
             hs.append(honore_h(w) if len(w) > 1 else 0.0)
-        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        return linguistic_score(mean(ppl), mean(ws), mean(hs))
+        mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+        scored = [p for p in ppl if p == p]   # an external judge gives nan for an empty answer
+        return linguistic_score(mean(scored), mean(ws), mean(hs))
 
     def _mink(self, fn, items) -> torch.Tensor:
         from lethe.metrics.tofu import min_k_prob
@@ -274,9 +296,9 @@ class QAEvaluator:
         out["unlearn/krr"] = krr(answers["retain"][0], [r["answer"] for r in self.qa.splits["retain"]],
                                  self.embedder, self.judge)
         ref = self._reference()
-        ppl_fn = ref[2] if (self.cfg.ppl_model == "reference" and ref) else fn
         for k in ("forget", "retain"):
-            out[f"unlearn/{k}_ls"] = self._ls(fn, *answers[k], ppl_fn)
+            out[f"unlearn/{k}_ls"] = self._ls(answers[k][0], self._answer_ppl(
+                fn, self.qa.splits[k], *answers[k], ref))
         if ref is not None:
             out["unlearn/forget_quality"] = forget_quality(forget_R, ref[0])
             if "unseen" in self.splits:
