@@ -528,3 +528,25 @@ def test_ppl_model_that_is_no_folder_is_a_config_error(evaluated):
     with pytest.raises(ConfigError, match=r"scenario.ppl_model: '/no/such/judge' is neither self, "
                                           r"reference nor a local causal LM folder"):
         QAEvaluator(stream, "cpu")
+
+
+def test_kv_cached_generate_gives_the_same_greedy_answers_as_full_recompute(evaluated):
+    """QAEvaluator decodes with the HF model's generate (KV cache) for plain forwards: the tokens
+    must equal full-recompute greedy decoding (lethe.metrics.tofu.greedy_generate) and the
+    one-token-at-a-time loop of this file."""
+    from lethe.metrics.qa import hf_greedy
+    from lethe.metrics.tofu import greedy_generate
+    from lethe.scenarios.tofu import encode_qa
+
+    e = evaluated
+    model = e.loop.model
+    tok = e.s.qa.tokenizer
+    items = [r for name in ("forget", "retain", "unseen") for r in e.splits[name]]
+    prompts = [encode_qa(tok, r["question"], "")[0] for r in items]
+    for n in sorted({len(p) for p in prompts}):
+        group = [p for p in prompts if len(p) == n]
+        max_new = e.s.qa.length - n + 1
+        cached = hf_greedy(model.lm, group, max_new, tok.eos, "cpu", bs=3)
+        assert cached == greedy_generate(lambda ids: model(ids), group, max_new, eos=tok.eos)
+    assert [tok.decode(t) for t in hf_greedy(model.lm, prompts[:1], e.s.qa.length - len(prompts[0]) + 1,
+                                             tok.eos, "cpu")] == [e.loop.greedy(items[0]["question"])]

@@ -90,6 +90,22 @@ def train_retain_model(cfg, stream, device):
     return model
 
 
+def hf_greedy(lm, prompts: list[list[int]], max_new: int, eos: int, device, bs: int = 64) -> list[list[int]]:
+    """Greedy continuations of equal-length prompts with a Hugging Face model's ``generate``
+    (KV cache; no padding needed), cut at the first eos (excluded) — what
+    :func:`lethe.metrics.tofu.greedy_generate` computes by full recompute."""
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(prompts), bs):
+            ids = torch.tensor(prompts[s:s + bs], dtype=torch.long, device=device)
+            gen = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                              min_new_tokens=0, do_sample=False, num_beams=1, eos_token_id=eos,
+                              pad_token_id=eos, use_cache=True)[:, ids.shape[1]:].tolist()
+            for row in gen:
+                out.append(row[:row.index(eos)] if eos in row else row)
+    return out
+
+
 class QAEvaluator:
     """One evaluation pass per point over the QA splits; metrics under ``unlearn/*``."""
 
@@ -127,6 +143,7 @@ class QAEvaluator:
             if not os.path.isdir(os.path.expanduser(self.cfg.ppl_model)):
                 raise ConfigError(f"scenario.ppl_model: '{self.cfg.ppl_model}' is neither self, "
                                   f"reference nor a local causal LM folder")
+        self._generate_fn = self._generate_lm = None
         self.history: list[dict[str, float]] = []
         self.answers: list[tuple[str, dict]] = []   # (label, {split: greedy answers}) per point
         self._reference_stats = None
@@ -169,11 +186,15 @@ class QAEvaluator:
         for i, p in enumerate(prompts):
             by_len.setdefault(len(p), []).append(i)
         outs = [None] * len(items)
+        hf = self._generate_lm if fn is self._generate_fn else None
         for n, idx in by_len.items():   # positions are bounded by the model's length
-            gen = greedy_generate(lambda ids: fn(ids.to(self.device), torch.zeros(len(ids), dtype=torch.long,
-                                                                                    device=self.device)),
-                                  [prompts[i] for i in idx], max(1, min(cap, self.qa.length - n + 1)),
-                                  eos=tok.eos)
+            max_new = max(1, min(cap, self.qa.length - n + 1))
+            if hf is not None:   # the plain HF forward: KV-cached generate, same greedy tokens
+                gen = hf_greedy(hf, [prompts[i] for i in idx], max_new, tok.eos, self.device, self.bs)
+            else:
+                gen = greedy_generate(lambda ids: fn(ids.to(self.device), torch.zeros(
+                    len(ids), dtype=torch.long, device=self.device)), [prompts[i] for i in idx],
+                    max_new, eos=tok.eos)
             for i, g in zip(idx, gen):
                 outs[i] = g
         return [tok.decode(g) for g in outs], outs, prompts
@@ -237,6 +258,14 @@ class QAEvaluator:
         was_training = model.training if model is not None else False
         if model is not None:
             model.eval()
+        # answers are decoded with the HF model's KV-cached generate when predict_fn is the
+        # plain forward of lethe's causal-LM wrapper (every method that does not override
+        # Method.predict); otherwise by full recompute through predict_fn
+        from lethe.methods.base import Method
+
+        plain = getattr(predict_fn, "__func__", None) is Method.predict and hasattr(
+            getattr(model, "lm", None), "generate")
+        self._generate_fn, self._generate_lm = (predict_fn, model.lm) if plain else (None, None)
         try:
             logits = batched_logits(predict_fn, self.x, self.device, self.bs)
             mask = self.y != -100
