@@ -451,6 +451,17 @@ def test_ga_tofu_synthetic_run_logs_unlearning_metrics(tmp_path, store):
         for f in client.list_artifacts(rid, todo.pop()):
             (todo.append(f.path) if f.is_dir else arts.add(f.path.split("/")[-1]))
     assert {"qa_answers.csv", "qa_splits.txt"} <= arts, arts
+    # `lethe compare` puts the run on TOFU's trade-off plot at its logged values
+    from lethe.dashboards import compare
+
+    runs = compare.load_runs(client, compare.select_runs(client, None, [rid]))
+    fig = compare.fig_llm_unlearning(compare.group_runs(runs))
+    final = [t for t in fig.data if t.mode == "markers"][0]
+    assert (final.x[0], final.y[0]) == (hist["unlearn/model_utility"][1], hist["unlearn/forget_quality"][1])
+    page = tmp_path / "compare.html"
+    res = run_cli(["compare", "--runs", rid, "--out", str(page), f"tracking.uri={store['uri']}"], cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert 'id="llm_unlearning"' in page.read_text() and 'id="curves"' not in page.read_text()
 
 
 def test_retain_only_reference_leaves_the_run_rng_alone_and_is_trained_once(tmp_path):

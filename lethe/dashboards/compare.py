@@ -124,7 +124,8 @@ def load_runs(client, runs: list) -> list[RunData]:
     out = []
     for run in runs:
         metrics = dict(run.data.metrics)
-        keys = [k for k in metrics if k in CURVE_KEYS or k.startswith("acc/exp_") or k == "nfr/prev"]
+        keys = [k for k in metrics if k in CURVE_KEYS + LLM_KEYS or k.startswith("acc/exp_")
+                or k == "nfr/prev"]
         history = {}
         for key in keys:
             points: dict[int, tuple[int, float]] = {}
@@ -256,6 +257,8 @@ def fig_curves(groups: dict[str, list[RunData]]):
                                                    "(%{customdata[1]} seeds)<extra>" +
                                                    html.escape(label) + "</extra>"),
                           row=1, col=col)
+    if not fig.data:   # e.g. only TOFU-style runs, which log no acc/avg_* curve
+        return None
     fig.update_xaxes(title_text="after experience", dtick=1)
     fig.update_yaxes(title_text="accuracy", range=[0, 1.02])
     fig.update_layout(height=420, margin=dict(t=50, b=40, l=50, r=20),
@@ -514,9 +517,10 @@ def write_compare(tracking_uri: str | None = None, experiment: str | None = None
     """
     client, uri = _client(tracking_uri)
     runs = load_runs(client, select_runs(client, experiment, run_ids))
-    if not any(any(k in r.history for k in CURVE_KEYS) for r in runs):
+    if not any(any(k in r.history for k in CURVE_KEYS + LLM_KEYS) for r in runs):
         where = f"experiment '{experiment}'" if experiment and not run_ids else "the given runs"
         raise ConfigError(f"nothing to compare: no run in {where} at {uri} logged acc/avg_seen "
+                          f"or unlearn/model_utility "
                           f"({len(runs)} runs found)")
     name = experiment or (client.get_experiment(client.get_run(runs[0].run_id).info.experiment_id).name)
     title = title or f"lethe compare: {name}"
