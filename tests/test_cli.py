@@ -69,7 +69,7 @@ def test_input_errors_found_while_building_exit_2(tmp_path, args, expected):
 
 
 def test_sqlite_store_keeps_artifacts_next_to_its_database(tmp_path, monkeypatch):
-    """Artifacts of a SQLite store go to <db folder>/artifacts/<experiment>, not ./mlruns of the
+    """Artifacts of a SQLite store go to <db folder>/mlartifacts/<experiment>, not ./mlruns of the
     folder a run happens to start in."""
     from lethe.platform.tracking import Tracker
 
@@ -82,7 +82,7 @@ def test_sqlite_store_keeps_artifacts_next_to_its_database(tmp_path, monkeypatch
     note.write_text("kept")
     tracker.log_file(note)
     tracker.end("FINISHED")
-    saved = tmp_path / "artifacts" / "my_exp_1" / tracker.run_id / "artifacts" / "note.txt"
+    saved = tmp_path / "mlartifacts" / "my_exp_1" / tracker.run_id / "artifacts" / "note.txt"
     assert saved.read_text() == "kept"
     assert not (work / "mlruns").exists()
     path = tracker.client.download_artifacts(tracker.run_id, "note.txt", str(tmp_path))

@@ -22,16 +22,16 @@ def git_commit() -> str | None:
 
 
 def artifact_root(uri: str, experiment: str) -> str | None:
-    """Artifacts of a SQLite store live next to its database (``<db folder>/artifacts/<experiment>``)
-    rather than in ``./mlruns`` of whatever folder a run was started from; other stores keep
-    MLflow's default (None)."""
+    """Artifacts of a SQLite store live next to its database, in ``<db folder>/mlartifacts/
+    <experiment>``, rather than in ``./mlruns`` of whatever folder a run was started from; other
+    stores keep MLflow's default (None)."""
     import re
     from pathlib import Path
 
     if not uri.startswith("sqlite:///"):
         return None
     db = Path(uri[len("sqlite:///"):])
-    return (db.parent.resolve() / "artifacts" / re.sub(r"[^\w.-]+", "_", experiment)).as_uri()
+    return (db.parent.resolve() / "mlartifacts" / re.sub(r"[^\w.-]+", "_", experiment)).as_uri()
 
 
 class Tracker:
