@@ -144,12 +144,8 @@ class LLMUnlearner(Method):
 
     # --- the forget target ----------------------------------------------------------------------
     def _target_rows(self):
-        from lethe.scenarios.tofu import encode_qa
-
         qa = self.ctx.stream.qa
-        rows = {k: qa.rows([encode_qa(qa.tokenizer, r["question"], r["answer"]) for r in qa.splits[k]])
-                for k in ("forget", "unseen")}
-        return rows
+        return {k: qa.item_rows(qa.splits[k]) for k in ("forget", "unseen")}
 
     def _reached(self, rows) -> bool:
         """Forget-answer memorisation accuracy at or below the unseen answers'."""

@@ -51,21 +51,16 @@ def retain_rows(stream):
     return pool.x[keep], pool.y[keep]
 
 
-def lm_loss(logits, y):
-    return torch.nn.functional.cross_entropy(logits, y, ignore_index=-100)
-
-
 def train_retain_model(cfg, stream, device):
     """The retain-only model of forget quality / PrivLeak: the run's model trained from the
-    same initialisation seed on the retain rows with the run's train settings (cached per
-    process, keyed by scenario, model, train config and seed)."""
+    same initialisation seed on the retain rows with the run's train settings by the exact
+    methods' seeded loop (lethe/methods/retrain.py ``train_loop``; cached per process, keyed
+    by scenario, model, train config and seed)."""
     from omegaconf import OmegaConf
 
     from lethe import registry
-    from lethe.methods.base import make_optimizer
+    from lethe.methods.retrain import train_loop
     from lethe.models.vision import ModelInfo
-
-    from tqdm.auto import tqdm
 
     key = OmegaConf.to_yaml({"s": cfg.scenario, "m": cfg.model, "t": cfg.train, "seed": cfg.seed})
     if key in _REFERENCES:
@@ -76,16 +71,9 @@ def train_retain_model(cfg, stream, device):
         torch.manual_seed(cfg.seed)
         model = registry.get("models", cfg.model.name).obj(
             cfg.model, ModelInfo(input_shape=stream.input_shape, n_classes=stream.n_classes)).to(device)
-        x, y = retain_rows(stream)
-        opt = make_optimizer(model.parameters(), cfg.train)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        model.train()
-        for _ in tqdm(range(cfg.train.epochs), desc="retain-only reference", unit="epoch", disable=None):
-            for idx in torch.randperm(len(x), generator=gen).split(cfg.train.batch_size):
-                opt.zero_grad(set_to_none=True)
-                lm_loss(model(x[idx].to(device)), y[idx].to(device)).backward()
-                opt.step()
-    model.eval()
+    x, y = retain_rows(stream)
+    train_loop(model, [n for n, _ in model.named_parameters()], x.to(device), y.to(device), cfg.train,
+               cfg.train.epochs, cfg.seed, "the retain-only reference model")
     _REFERENCES[key] = model
     return model
 
@@ -118,8 +106,7 @@ class QAEvaluator:
         self.reference_fn = reference_fn
         self.splits = list(self.qa.splits)
         test = stream.test
-        _, ty = self.qa.rows([self._pair(r["question"], r["answer"])
-                              for s in self.splits for r in self.qa.splits[s]])
+        _, ty = self.qa.item_rows([r for s in self.splits for r in self.qa.splits[s]])
         self.x, self.y = test.x, ty
         mask = ty != -100
         tok_exp = test.exp.unsqueeze(1).expand_as(ty)[mask]
@@ -160,20 +147,31 @@ class QAEvaluator:
         x, y = self.qa.rows(pairs)
         return answer_nll(batched_logits(fn, x, self.device, self.bs), y)
 
-    def _candidates(self, fn, items) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """NLL of the true, the paraphrased and each perturbed answer ([N], [N], [N, K])."""
+    def _candidates(self, fn, items) -> tuple[torch.Tensor, torch.Tensor]:
+        """NLL of the paraphrased and of each perturbed answer ([N], [N, K], nan-padded); the true
+        answers' come from the evaluation pass over ``self.x``."""
         k = max((len(r.get("perturbed_answer", [])) for r in items), default=0)
         pairs = []
         for r in items:
             pert = r.get("perturbed_answer", [])
-            pairs += [self._pair(r["question"], r["answer"]),
-                      self._pair(r["question"], r.get("paraphrased_answer", r["answer"]))]
+            pairs.append(self._pair(r["question"], r.get("paraphrased_answer", r["answer"])))
             pairs += [self._pair(r["question"], p) for p in pert] + [self._pair(r["question"], "")] * (k - len(pert))
-        nll = self._nll(fn, pairs).reshape(len(items), 2 + k)
+        nll = self._nll(fn, pairs).reshape(len(items), 1 + k)
         counts = torch.tensor([len(r.get("perturbed_answer", [])) for r in items])
-        pert = nll[:, 2:].clone()
+        pert = nll[:, 1:].clone()
         pert[torch.arange(k).unsqueeze(0) >= counts.unsqueeze(1)] = float("nan")
-        return nll[:, 0], nll[:, 1], pert
+        return nll[:, 0], pert
+
+    def _mink_auc(self, logits) -> float:
+        """Min-K% prob AUC, forget answers (members) vs unseen answers, from a pass over self.x."""
+        from lethe.metrics.tofu import min_k_prob, mink_auc
+
+        if "unseen" not in self.splits:
+            return float("nan")
+        score = min_k_prob(logits, self.y, self.cfg.mink_k)
+        split_of = self.stream.test.exp
+        return mink_auc(score[split_of == self.splits.index("forget")],
+                        score[split_of == self.splits.index("unseen")])
 
     def _greedy(self, fn, items) -> tuple[list[str], list[list[int]], list[list[int]]]:
         """Greedy answers (text), their tokens and their prompts."""
@@ -233,23 +231,15 @@ class QAEvaluator:
         scored = [p for p in ppl if p == p]   # an external judge gives nan for an empty answer
         return linguistic_score(mean(scored), mean(ws), mean(hs))
 
-    def _mink(self, fn, items) -> torch.Tensor:
-        from lethe.metrics.tofu import min_k_prob
-
-        x, y = self.qa.rows([self._pair(r["question"], r["answer"]) for r in items])
-        return min_k_prob(batched_logits(fn, x, self.device, self.bs), y, self.cfg.mink_k)
-
     def _reference(self):
         """(forget truth ratios, Min-K% AUC) of the retain-only model, computed once."""
-        from lethe.metrics.tofu import mink_auc, truth_ratio
+        from lethe.metrics.tofu import truth_ratio
 
         if self._reference_stats is None and self.reference_fn is not None:
             ref = self.reference_fn()
             fn = lambda x, t: ref(x)  # noqa: E731
-            _, para, pert = self._candidates(fn, self.qa.splits["forget"])
-            auc = float("nan")
-            if "unseen" in self.qa.splits:
-                auc = mink_auc(self._mink(fn, self.qa.splits["forget"]), self._mink(fn, self.qa.splits["unseen"]))
+            para, pert = self._candidates(fn, self.qa.splits["forget"])
+            auc = self._mink_auc(batched_logits(fn, self.x, self.device, self.bs))
             self._reference_stats = (truth_ratio(pert, para), auc, fn)
         return self._reference_stats
 
@@ -280,17 +270,19 @@ class QAEvaluator:
 
     def _metrics(self, fn, logits) -> dict[str, float]:
         from lethe.metrics.knowledge import kfr, krr
-        from lethe.metrics.tofu import (extraction_likelihood, forget_quality,
-                                        memorisation_accuracy, mink_auc, model_utility, privleak,
+        from lethe.metrics.tofu import (answer_nll, extraction_likelihood, forget_quality,
+                                        memorisation_accuracy, model_utility, privleak,
                                         probability, rouge_l_recall, truth_ratio, truth_score)
 
         out: dict[str, float] = {}
         split_of = self.stream.test.exp
         ma = memorisation_accuracy(logits, self.y)
+        true_nll = answer_nll(logits, self.y)
         answers: dict[str, tuple] = {}
         for s, name in enumerate(self.splits):
             items = self.qa.splits[name]
-            true, para, pert = self._candidates(fn, items)
+            true = true_nll[split_of == s]
+            para, pert = self._candidates(fn, items)
             R = truth_ratio(pert, para)
             if name in ("real_authors", "world_facts"):   # TOFU: normalised over the choices
                 p = torch.cat([(-true).unsqueeze(1), -pert], 1).exp()
@@ -331,7 +323,7 @@ class QAEvaluator:
         if ref is not None:
             out["unlearn/forget_quality"] = forget_quality(forget_R, ref[0])
             if "unseen" in self.splits:
-                auc = mink_auc(self._mink(fn, forget_items), self._mink(fn, self.qa.splits["unseen"]))
+                auc = self._mink_auc(logits)
                 out["unlearn/mink_auc"] = auc
                 out["unlearn/privleak"] = privleak(auc, ref[1])
         return out

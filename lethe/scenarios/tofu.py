@@ -177,6 +177,10 @@ class QAData:
     def rows(self, pairs):
         return to_rows(pairs, self.length, self.tokenizer.pad)
 
+    def item_rows(self, items):
+        """(inputs, targets) of QA items with their true answers."""
+        return self.rows([encode_qa(self.tokenizer, r["question"], r["answer"]) for r in items])
+
 
 @functools.cache
 def _pair_dataset_class():
