@@ -9,12 +9,17 @@ forget answers at or below its value on unseen authors' answers (Jang et al., 20
 quality and PrivLeak is trained once and shared.
 
 Printed per method: model utility (TOFU), forget quality (KS p-value vs the retain-only model),
-Linguistic Score of the answers to forget questions (ReLearn), KFR / KRR, forget / unseen MA,
+Linguistic Score of the answers to forget questions (ReLearn; its perplexity from the presets'
+judge, ``scenario.ppl_model: wordfreq`` — a unigram model of real English word frequencies, the
+offline stand-in for the external fluent LLM of ReLearn's evaluation: a tiny model trained on
+a few hundred QA pairs is no judge of fluency, and its own greedy answers always look likely
+to it), KFR / KRR, forget / unseen MA,
 whether the target was met, unlearning steps and wall time (unlearning only, and the whole
 run). The papers' central claims, as goals: LoKU keeps more model utility than gradient ascent
 (a > b), ReLearn's answers are more fluent than gradient ascent's (c > d).
 
     .venv/bin/python benchmarks/llm_unlearning.py [--seed 0] [--device cpu] [--embedder minilm] [--threads 1]
+        [key=value ...]     # config overrides for every method, e.g. scenario.ppl_model=self
 
 Last line: ``loku_utility=<a> ga_utility=<b> relearn_ls=<c> ga_ls=<d>``.
 """
@@ -45,7 +50,8 @@ def run_method(short: str, args, store: str) -> tuple[dict, float]:
 
     overrides = [f"seed={args.seed}", f"device={args.device}", f"tracking.uri={store}",
                  "tracking.experiment=llm_unlearning_benchmark", f"scenario.embedder={args.embedder}",
-                 f"checkpoint.dir={os.path.join(os.path.dirname(store.split(':///')[-1]), 'ckpt')}"]
+                 f"checkpoint.dir={os.path.join(os.path.dirname(store.split(':///')[-1]), 'ckpt')}",
+                 *args.overrides]
     cfg = load_config(str(ROOT / "conf" / f"{short}_tofu_synthetic.yaml"), overrides)
     t0 = time.perf_counter()
     result = run_experiment(cfg)
@@ -60,6 +66,7 @@ def main() -> int:
     p.add_argument("--tracking-uri", default="", help="MLflow store (default: a temporary SQLite file)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (tiny models run fastest on one; 0 = torch's default)")
+    p.add_argument("overrides", nargs="*", help="config overrides for every method (key=value)")
     args = p.parse_args()
     if args.threads > 0:
         import torch
@@ -89,7 +96,7 @@ def main() -> int:
     d = results["ga"][0]["unlearn/forget_ls"]
     print(f"goals: loku_utility > ga_utility: {'met' if a > b else 'NOT met'}; "
           f"relearn_ls > ga_ls: {'met' if c > d else 'NOT met'}")
-    print(f"loku_utility={a:.4f} ga_utility={b:.4f} relearn_ls={c:.4f} ga_ls={d:.4f}")
+    print(f"loku_utility={a:.4g} ga_utility={b:.4g} relearn_ls={c:.4g} ga_ls={d:.4g}")
     return 0
 
 

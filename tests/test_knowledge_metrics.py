@@ -239,3 +239,24 @@ def test_text_perplexities_is_the_masked_response_nll_of_a_local_causal_lm(tmp_p
     nll = [-float(logp[t - 1, ids[t]]) for t in range(n_q, len(ids))]
     assert got[0] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
     assert math.isnan(got[1])   # an empty response has no token to score
+
+
+def test_unigram_perplexity_by_hand_from_the_wordfreq_table():
+    """PPL = exp(−mean ln f(w)) with f from wordfreq's English frequency table (read here
+    directly, not through word_frequency); order and punctuation do not matter; an unlisted
+    word counts at the 1e-8 floor; a hedge in common words beats a repeated invented name."""
+    from wordfreq import get_frequency_dict
+
+    from lethe.metrics.knowledge import UNIGRAM_FLOOR, unigram_perplexity
+
+    table = get_frequency_dict("en")
+    words_ = ["i", "do", "not", "know", "the", "books", "of", "this", "author"]
+    by_hand = math.exp(-sum(math.log(table[w]) for w in words_) / len(words_))
+    text = "I do not know the books of this author."
+    assert unigram_perplexity(text) == pytest.approx(by_hand, rel=2e-3)   # word_frequency: 3 digits
+    assert unigram_perplexity("Author this of books the know not do I!") == unigram_perplexity(text)
+    assert "pemberdon" not in table
+    assert unigram_perplexity("Pemberdon. Pemberdon.") == pytest.approx(1 / UNIGRAM_FLOOR, rel=1e-9)
+    mixed = math.exp(-(math.log(table["the"]) + math.log(UNIGRAM_FLOOR)) / 2)
+    assert unigram_perplexity("The Pemberdon") == pytest.approx(mixed, rel=2e-3)
+    assert math.isnan(unigram_perplexity("")) and math.isnan(unigram_perplexity(" ... "))

@@ -445,12 +445,23 @@ def test_ga_tofu_synthetic_run_logs_unlearning_metrics(tmp_path, store):
     assert steps == {1: 1.0}
     assert hist["unlearn/forget_ma"][1] <= hist["unlearn/unseen_ma"][1]
     assert hist["unlearn/forget_ma"][1] < hist["unlearn/forget_ma"][0]   # it did unlearn
-    arts = set()
+    arts = {}
     todo = [None]
     while todo:
         for f in client.list_artifacts(rid, todo.pop()):
-            (todo.append(f.path) if f.is_dir else arts.add(f.path.split("/")[-1]))
-    assert {"qa_answers.csv", "qa_splits.txt"} <= arts, arts
+            (todo.append(f.path) if f.is_dir else arts.update({f.path.split("/")[-1]: f.path}))
+    assert {"qa_answers.csv", "qa_splits.txt"} <= set(arts), arts
+    # the preset's fluency judge: LS of the served model's forget answers (from the artifact)
+    # with English word-frequency perplexities
+    from lethe.metrics.knowledge import unigram_perplexity
+    from lethe.metrics.qa import QAEvaluator
+
+    path = client.download_artifacts(rid, arts["qa_answers.csv"], str(tmp_path))
+    rows = [r for r in csv.DictReader(open(path)) if r["split"] == "forget"]
+    answers = [r["answer"] for r in rows if not r["eval_point"].startswith("learn")]
+    assert answers and len(answers) * 2 == len(rows)
+    ls = {m.step: m.value for m in client.get_metric_history(rid, "unlearn/forget_ls")}[1]
+    assert ls == pytest.approx(QAEvaluator._ls(answers, [unigram_perplexity(a) for a in answers]), rel=1e-9)
     # `lethe compare` puts the run on TOFU's trade-off plot at its logged values
     from lethe.dashboards import compare
 
@@ -537,8 +548,50 @@ def test_ppl_model_that_is_no_folder_is_a_config_error(evaluated):
     stream = copy.copy(evaluated.s)
     stream.qa_config = OmegaConf.merge(evaluated.s.qa_config, {"ppl_model": "/no/such/judge"})
     with pytest.raises(ConfigError, match=r"scenario.ppl_model: '/no/such/judge' is neither self, "
-                                          r"reference nor a local causal LM folder"):
+                                          r"reference, wordfreq nor a local causal LM folder"):
         QAEvaluator(stream, "cpu")
+
+
+def test_ls_of_only_empty_answers_is_zero_with_an_external_judge():
+    """An external judge has no score for an empty answer (NaN, left out of the PPL mean, as
+    ReLearn's code); when every answer is empty LS is 0 (H = 0), not NaN, and one non-empty
+    answer's PPL is the mean."""
+    from lethe.metrics.knowledge import linguistic_score
+    from lethe.metrics.qa import QAEvaluator
+
+    assert QAEvaluator._ls(["", ""], [math.nan, math.nan]) == 0.0
+    w = 4 ** (3 ** -0.165)     # "a b a c": N 4, V 3, V1 2
+    h = 100 * math.log(4) / (1 - 2 / 3 + 0.1)
+    got = QAEvaluator._ls(["a b a c", ""], [9.0, math.nan])
+    assert got == pytest.approx(linguistic_score(9.0, (w + 1000.0) / 2, h / 2), rel=1e-12)
+
+
+def test_wordfreq_judge_scores_each_greedy_answer_alone_then_aggregates(evaluated):
+    """scenario.ppl_model: wordfreq — the LS perplexity of each greedy answer is its unigram
+    English perplexity (lethe.metrics.knowledge.unigram_perplexity, tested on its own); W and H
+    as before; the evaluated model only decides the answers."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    from lethe.metrics.knowledge import brunet_w, honore_h, unigram_perplexity, words
+    from lethe.metrics.qa import QAEvaluator
+
+    stream = copy.copy(evaluated.s)
+    stream.qa_config = OmegaConf.merge(evaluated.s.qa_config, {"ppl_model": "wordfreq"})
+    model = evaluated.loop.model
+    got = QAEvaluator(stream, "cpu").evaluate(lambda x, t: model(x), "learn:0", model)
+    for split in ("forget", "retain"):
+        answers = [evaluated.loop.greedy(r["question"]) for r in evaluated.splits[split]]
+        ppl = [unigram_perplexity(a) for a in answers]
+        scored = [p for p in ppl if p == p]
+        p = sum(scored) / len(scored)
+        w = sum(brunet_w(words(a)) if words(a) else 1000.0 for a in answers) / len(answers)
+        h = sum(honore_h(words(a)) if len(words(a)) > 1 else 0.0 for a in answers) / len(answers)
+        parts = (1 / (1 + p), 1 / (1 + w), h / (1 + h))
+        assert got[f"unlearn/{split}_ls"] == pytest.approx(3 / sum(1 / x for x in parts), rel=1e-6)
+        # the same answers, another judge: the LS differs from the self-PPL one
+        assert got[f"unlearn/{split}_ls"] != pytest.approx(evaluated.metrics[f"unlearn/{split}_ls"], rel=1e-3)
 
 
 def test_kv_cached_generate_gives_the_same_greedy_answers_as_full_recompute(evaluated):

@@ -160,6 +160,27 @@ def text_perplexities(path: str, queries: list[str], responses: list[str]) -> li
     return out
 
 
+# wordfreq's lists stop at Zipf 1 (10^-8 per word); an unlisted word (an invented name, a
+# typo) counts as that rarest listed word, so a text of such words scores PPL 1e8
+UNIGRAM_FLOOR = 1e-8
+
+
+def unigram_perplexity(text: str, lang: str = "en") -> float:
+    """Perplexity of a text under a unigram model of real written and spoken English: the word
+    frequencies of wordfreq (Speer, 2022; Wikipedia, subtitles, books, news, web, social
+    media), PPL = exp(−mean ln f(w)) over wordfreq's own tokens (lower-cased, punctuation
+    dropped), unlisted words at :data:`UNIGRAM_FLOOR`. The offline external fluency judge of
+    ``scenario.ppl_model: wordfreq`` (no causal LM ships offline): it knows common English
+    and nothing of any run. NaN for a text with no words."""
+    from wordfreq import tokenize, word_frequency
+
+    tokens = tokenize(text, lang)
+    if not tokens:
+        return math.nan
+    logs = [math.log(max(word_frequency(t, lang), UNIGRAM_FLOOR)) for t in tokens]
+    return math.exp(-sum(logs) / len(logs))
+
+
 def _load_encoder(path: str):
     return _load_pretrained(path, "AutoModel")
 
@@ -398,5 +419,5 @@ def load_plugin(spec: Optional[str], default: Callable[[], object]):
 
 __all__ = ["extract_entities", "Embedder", "ExactEmbedder", "MiniLMEmbedder", "mean_pool",
            "entity_score", "Judge", "RuleJudge", "HFNLIJudge", "nli_label_map", "kfr", "krr",
-           "brunet_w", "honore_h", "linguistic_score", "words", "load_plugin", "ENTAILMENT",
+           "brunet_w", "honore_h", "unigram_perplexity", "UNIGRAM_FLOOR", "linguistic_score", "words", "load_plugin", "ENTAILMENT",
            "NEUTRAL", "CONTRADICTION"]

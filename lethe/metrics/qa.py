@@ -122,14 +122,14 @@ class QAEvaluator:
             self.judge = HFNLIJudge(judge)
         else:
             self.judge = load_plugin(judge, RuleJudge)
-        if self.cfg.ppl_model not in ("self", "reference"):
+        if self.cfg.ppl_model not in ("self", "reference", "wordfreq"):
             import os
 
             from lethe.platform.errors import ConfigError
 
             if not os.path.isdir(os.path.expanduser(self.cfg.ppl_model)):
                 raise ConfigError(f"scenario.ppl_model: '{self.cfg.ppl_model}' is neither self, "
-                                  f"reference nor a local causal LM folder")
+                                  f"reference, wordfreq nor a local causal LM folder")
         self._generate_fn = self._generate_lm = None
         self.history: list[dict[str, float]] = []
         self.answers: list[tuple[str, dict]] = []   # (label, {split: greedy answers}) per point
@@ -199,11 +199,16 @@ class QAEvaluator:
 
     def _answer_ppl(self, fn, items, answers, tokens, prompts, ref) -> list[float]:
         """Perplexity of each greedy answer given its question: by the evaluated model
-        (``ppl_model: self``), the retain-only model (``reference``), or an external causal LM
+        (``ppl_model: self``), the retain-only model (``reference``), English word frequencies
+        (``wordfreq``: an offline external judge, the answer alone), or an external causal LM
         from a local folder — ReLearn's evaluation uses a fluent LLM judge — scoring the text."""
         from lethe.scenarios.tofu import PROMPT
 
         mode = self.cfg.ppl_model
+        if mode == "wordfreq":
+            from lethe.metrics.knowledge import unigram_perplexity
+
+            return [unigram_perplexity(a) for a in answers]
         if mode in ("self", "reference"):
             judge = ref[2] if (mode == "reference" and ref) else fn
             pairs = [(p, t + [self.qa.tokenizer.eos]) for p, t in zip(prompts, tokens)]
@@ -229,7 +234,8 @@ class QAEvaluator:
             hs.append(honore_h(w) if len(w) > 1 else 0.0)
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
         scored = [p for p in ppl if p == p]   # an external judge gives nan for an empty answer
-        return linguistic_score(mean(scored), mean(ws), mean(hs))
+        # every answer empty: nothing fluent to score (LS 0 through H = 0, not NaN)
+        return linguistic_score(mean(scored) if scored else math.inf, mean(ws), mean(hs))
 
     def _reference(self):
         """(forget truth ratios, Min-K% AUC) of the retain-only model, computed once."""

@@ -191,8 +191,9 @@ METRICS: tuple[MetricDoc, ...] = (
     MetricDoc("unlearn/<name>_ls", "harmonic mean of 1/(1+PPL), 1/(1+W), H/(1+H) of the means over the "
               "split's greedy answers of PPL, W = N^(V^−0.165), H = 100 ln N / (1 − V1/V + 0.1)",
               "Linguistic Score", "Xu et al., ReLearn, 2025",
-              "PPL from the evaluated model by default (scenario.ppl_model: self | reference | a local "
-              "causal LM folder — ReLearn's code uses an external fluent LLM judge); an empty answer counts W = 1000, H = 0, as in the reference code"),
+              "PPL from the evaluated model by default (scenario.ppl_model: self | reference | wordfreq, "
+              "a unigram model of English word frequencies | a local causal LM folder — ReLearn's "
+              "code uses an external fluent LLM judge); an empty answer counts W = 1000, H = 0, as in the reference code"),
     MetricDoc("unlearn/unlearn_steps", "optimizer steps spent serving the deletion request", "—", "—"),
     MetricDoc("unlearn/target_reached", "1 when the method stopped because forget MA ≤ unseen MA "
               "(method.stop_at_target), 0 at the epoch cap", "—", "Jang et al., ACL 2023"),

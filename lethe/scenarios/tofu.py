@@ -50,7 +50,8 @@ class TofuConfig:
     embedder: str = "minilm"       # KFR/KRR entity matcher: minilm | exact | module:attr
     judge: str = "rule"            # KFR/KRR NLI judge: rule | local NLI model folder | module:attr
     ppl_model: str = "self"        # Linguistic Score perplexity: self | reference (retain-only
-                                   # model) | local causal LM folder (a fluent judge, as ReLearn)
+                                   # model) | wordfreq (English word frequencies, offline) |
+                                   # local causal LM folder (a fluent judge, as ReLearn)
     max_new_tokens: int = 0        # greedy answers (0 = up to the sequence length)
 
 
