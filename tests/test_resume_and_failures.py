@@ -95,6 +95,32 @@ def test_ctrl_c_marks_run_killed_and_keeps_checkpoint(tmp_path, store):
     assert client.get_metric_history(run.info.run_id, "acc/avg_seen")  # logged metrics kept
 
 
+def test_ctrl_c_during_a_tracking_write_is_raised_after_the_write(store, monkeypatch):
+    """An interrupt inside an MLflow write used to cut a SQLite transaction in half, so the
+    store stayed locked and the run could not be marked KILLED ("database is locked"). Now
+    the write completes, then KeyboardInterrupt is raised, and the run can be ended."""
+    from lethe.platform.tracking import Tracker
+
+    tracker = Tracker(store["uri"], "test")
+    run_id = tracker.start("ctrl-c", {"a": "1"}, {})
+    write = tracker.client.log_batch
+
+    def interrupted_write(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C lands while the write is under way
+        time.sleep(0.05)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(tracker.client, "log_batch", interrupted_write)
+    with pytest.raises(KeyboardInterrupt):
+        tracker.log_metrics({"acc/avg_seen": 0.25}, step=3)
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handler restored
+    tracker.end("KILLED")
+    client, run = only_run(store["uri"])
+    assert run.info.status == "KILLED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "acc/avg_seen")] == [(3, 0.25)]
+
+
 @dataclass
 class NanModelConfig:
     hidden: int = 16

@@ -197,15 +197,8 @@ class LRSchedulePlugin:
         self.flush()
 
     def flush(self) -> None:
-        if self.tracker is not None and self.pending:
-            import time
-
-            from mlflow.entities import Metric
-
-            ts = int(time.time() * 1000)
-            items = [Metric("train/lr", float(lr), ts, int(step)) for step, lr in self.pending]
-            for i in range(0, len(items), 500):   # one batch per flush, not a call per step
-                self.tracker.client.log_batch(self.tracker.run_id, metrics=items[i:i + 500])
+        if self.tracker is not None and self.pending:   # one write per flush, not one per step
+            self.tracker.log_series("train/lr", self.pending)
         self.pending = []
 
 

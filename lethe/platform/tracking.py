@@ -1,10 +1,14 @@
 """MLflow tracking: one lethe run = one MLflow run (params, metrics per experience, artifacts)."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 from lethe import __version__
@@ -34,8 +38,37 @@ def artifact_root(uri: str, experiment: str) -> str | None:
     return (db.parent.resolve() / "mlartifacts" / re.sub(r"[^\w.-]+", "_", experiment)).as_uri()
 
 
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Hold Ctrl-C until the block ends, then raise it. An interrupt inside an MLflow write can
+    leave a SQLite transaction open: the store stays locked and the run can no longer be
+    marked KILLED ("database is locked"). Only with Python's own SIGINT handler, main thread."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            raise KeyboardInterrupt
+
+
+def _whole(method):
+    """A tracking write that Ctrl-C cannot cut in half (see :func:`deferred_interrupt`)."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with deferred_interrupt():
+            return method(*args, **kwargs)
+    return wrapper
+
+
 class Tracker:
-    """A thin layer over the MLflow client for one run."""
+    """A thin layer over the MLflow client for one run; every write finishes before a Ctrl-C
+    that arrives during it is raised."""
 
     def __init__(self, uri: str | None, experiment: str):
         import mlflow
@@ -56,6 +89,7 @@ class Tracker:
         return os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
 
     # --- run lifecycle ------------------------------------------------------------------
+    @_whole
     def start(self, run_name: str | None, params: dict[str, str], tags: dict[str, str]) -> str:
         base_tags = {"lethe.version": __version__, "host": socket.gethostname()}
         commit = git_commit()
@@ -67,18 +101,21 @@ class Tracker:
         self.log_params(params)
         return self.run_id
 
+    @_whole
     def resume(self, run_id: str) -> None:
         run = self.client.get_run(run_id)  # raises if the run does not exist
         self.run_id = run.info.run_id
         self.client.update_run(self.run_id, status="RUNNING")
         self.client.set_tag(self.run_id, "lethe.resumed", "true")
 
+    @_whole
     def end(self, status: str) -> None:
         """status: FINISHED | FAILED | KILLED."""
         if self.run_id:
             self.client.set_terminated(self.run_id, status=status)
 
     # --- logging ------------------------------------------------------------------------
+    @_whole
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
@@ -86,23 +123,34 @@ class Tracker:
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
+    @_whole
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._log_points([(k, step, v) for k, v in metrics.items()])
+
+    @_whole
+    def log_series(self, key: str, points: list[tuple[int, float]]) -> None:
+        """One metric at many steps, in batches (e.g. the learning rate of every step)."""
+        self._log_points([(key, step, v) for step, v in points])
+
+    def _log_points(self, points: list[tuple[str, int, float]]) -> None:
         import time
 
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
+        items = [Metric(k, float(v), ts, int(step)) for k, step, v in points]
         keys_file = os.environ.get("LETHE_METRIC_KEYS_FILE")
         if keys_file:  # the test suite collects every logged key to check docs/metrics.md
             with open(keys_file, "a") as fh:
-                fh.write("".join(f"{k}\n" for k in metrics))
+                fh.write("".join(f"{k}\n" for k in dict.fromkeys(k for k, _, _ in points)))
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i:i + 500])
 
+    @_whole
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
 
+    @_whole
     def log_file(self, path: str | Path, subdir: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), subdir)
 
@@ -113,6 +161,7 @@ class Tracker:
             write(path)
             self.log_file(path)
 
+    @_whole
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
@@ -120,6 +169,7 @@ class Tracker:
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, tags=items[i:i + 100])
 
+    @_whole
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
 
