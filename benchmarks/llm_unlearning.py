@@ -44,15 +44,19 @@ COLUMNS = (("utility", "unlearn/model_utility"), ("forget_q", "unlearn/forget_qu
            ("unlearn_s", "unlearn/serve_s"))
 
 
-def run_method(short: str, args, store: str) -> tuple[dict, float]:
+def method_config(short: str, args, store: str):
     from lethe.platform.config import load_config
-    from lethe.platform.runner import run_experiment
 
     overrides = [f"seed={args.seed}", f"device={args.device}", f"tracking.uri={store}",
                  "tracking.experiment=llm_unlearning_benchmark", f"scenario.embedder={args.embedder}",
                  f"checkpoint.dir={os.path.join(os.path.dirname(store.split(':///')[-1]), 'ckpt')}",
                  *args.overrides]
-    cfg = load_config(str(ROOT / "conf" / f"{short}_tofu_synthetic.yaml"), overrides)
+    return load_config(str(ROOT / "conf" / f"{short}_tofu_synthetic.yaml"), overrides)
+
+
+def run_method(cfg) -> tuple[dict, float]:
+    from lethe.platform.runner import run_experiment
+
     t0 = time.perf_counter()
     result = run_experiment(cfg)
     return result.final, time.perf_counter() - t0
@@ -76,9 +80,11 @@ def main() -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     tmp = tempfile.mkdtemp(prefix="lethe_llm_unlearning_")
     store = args.tracking_uri or f"sqlite:///{tmp}/mlflow.db"
+    # every config checked before the first method runs: a bad override fails at once
+    cfgs = {short: method_config(short, args, store) for short, _ in METHODS}
     results = {}
     for short, name in METHODS:
-        final, wall = run_method(short, args, store)
+        final, wall = run_method(cfgs[short])
         results[short] = (final, wall)
         print(f"{name}: done in {wall:.1f} s", flush=True)
     print(f"\nseed {args.seed}, device {args.device}, MLflow store {store}")
@@ -101,4 +107,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from lethe.platform.errors import LetheError
+
+    try:
+        raise SystemExit(main())
+    except LetheError as exc:   # bad config / input: the message, no traceback (runs marked FAILED)
+        print(f"llm_unlearning: {exc}", file=sys.stderr)
+        raise SystemExit(exc.exit_code)

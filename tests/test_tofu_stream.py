@@ -614,3 +614,19 @@ def test_kv_cached_generate_gives_the_same_greedy_answers_as_full_recompute(eval
         assert cached == greedy_generate(lambda ids: model(ids), group, max_new, eos=tok.eos)
     assert [tok.decode(t) for t in hf_greedy(model.lm, prompts[:1], e.s.qa.length - len(prompts[0]) + 1,
                                              tok.eos, "cpu")] == [e.loop.greedy(items[0]["question"])]
+
+
+def test_llm_unlearning_benchmark_bad_override_is_one_message_before_any_run(tmp_path):
+    """A mistyped override for the benchmark's methods: exit 2, the config error naming the key
+    and the fix, no traceback, and no run started (every config is checked first)."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "llm_unlearning.py"),
+                          "--tracking-uri", uri, "scenario.ppl_modle=self"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "llm_unlearning: unknown key 'scenario.ppl_modle'; did you mean 'ppl_model'?" in res.stderr
+    assert "Traceback" not in res.stderr and "done in" not in res.stdout
+    assert not (tmp_path / "mlflow.db").exists()
