@@ -419,5 +419,5 @@ def load_plugin(spec: Optional[str], default: Callable[[], object]):
 
 __all__ = ["extract_entities", "Embedder", "ExactEmbedder", "MiniLMEmbedder", "mean_pool",
            "entity_score", "Judge", "RuleJudge", "HFNLIJudge", "nli_label_map", "kfr", "krr",
-           "brunet_w", "honore_h", "unigram_perplexity", "UNIGRAM_FLOOR", "linguistic_score", "words", "load_plugin", "ENTAILMENT",
-           "NEUTRAL", "CONTRADICTION"]
+           "brunet_w", "honore_h", "unigram_perplexity", "UNIGRAM_FLOOR", "linguistic_score", "words",
+           "load_plugin", "ENTAILMENT", "NEUTRAL", "CONTRADICTION"]
