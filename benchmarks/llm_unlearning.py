@@ -54,11 +54,13 @@ def method_config(short: str, args, store: str):
     return load_config(str(ROOT / "conf" / f"{short}_tofu_synthetic.yaml"), overrides)
 
 
-def run_method(cfg) -> tuple[dict, float]:
+def run_method(cfg, references: dict) -> tuple[dict, float]:
+    """One method's run; ``references`` caches the retain-only model across the methods (it
+    depends on scenario, model, train settings and seed only: the same for all three)."""
     from lethe.platform.runner import run_experiment
 
     t0 = time.perf_counter()
-    result = run_experiment(cfg)
+    result = run_experiment(cfg, reference_cache=references)
     return result.final, time.perf_counter() - t0
 
 
@@ -82,9 +84,9 @@ def main() -> int:
     store = args.tracking_uri or f"sqlite:///{tmp}/mlflow.db"
     # every config checked before the first method runs: a bad override fails at once
     cfgs = {short: method_config(short, args, store) for short, _ in METHODS}
-    results = {}
+    results, references = {}, {}
     for short, name in METHODS:
-        final, wall = run_method(cfgs[short])
+        final, wall = run_method(cfgs[short], references)
         results[short] = (final, wall)
         print(f"{name}: done in {wall:.1f} s", flush=True)
     print(f"\nseed {args.seed}, device {args.device}, MLflow store {store}")
@@ -107,7 +109,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from lethe.platform.errors import LetheError
+    from lethe.errors import LetheError
 
     try:
         raise SystemExit(main())

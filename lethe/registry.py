@@ -1,9 +1,9 @@
 """Name → (builder, config schema) registries for scenarios, models and methods.
 
 This module imports nothing else of lethe, so every layer may import it. Registration
-happens at import time of the module that defines the component (a decorator); the
-packages ``lethe.scenarios``, ``lethe.models`` and ``lethe.methods`` import their modules,
-so :func:`load_all` fills every registry. Component modules must keep heavy imports
+happens at import time of the module that defines the component (a decorator);
+:func:`load_all` imports every module of the packages ``lethe.scenarios``, ``lethe.models``
+and ``lethe.methods``, so adding a component is adding one file (no list to edit). Component modules must keep heavy imports
 (torch, avalanche, ...) inside functions so that ``lethe list`` stays fast.
 """
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import pkgutil
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -90,10 +92,45 @@ def register_method(name: str, config: type | None = None, **extras) -> Callable
     return _register("methods", name, config, extras)
 
 
+_LOADED: set[str] = set()   # packages whose component modules were imported
+_REGISTERS = re.compile(rb"\bregister_(scenario|model|method)\(")
+
+
+def _component_modules(package: str) -> list[str]:
+    """Modules of ``package`` that register a component (their source calls ``register_*``).
+
+    Reading the source first keeps building-block modules that import torch at module level
+    (lethe/models/adapters.py) out of ``lethe list``.
+    """
+    names = []
+    for info in sorted(pkgutil.iter_modules(importlib.import_module(package).__path__),
+                       key=lambda m: m.name):
+        if info.ispkg or info.name.startswith("_"):
+            continue
+        spec = info.module_finder.find_spec(f"{package}.{info.name}")
+        origin = getattr(spec, "origin", None)
+        try:
+            with open(origin, "rb") as fh:
+                source = fh.read()
+        except (OSError, TypeError):   # no readable source (e.g. a compiled module): import it
+            source = b"register_method("
+        if _REGISTERS.search(source):
+            names.append(f"{package}.{info.name}")
+    return names
+
+
 def load_all() -> None:
-    """Import every built-in component module so the registries are complete."""
+    """Import every component module of ``lethe.scenarios``, ``lethe.models`` and
+    ``lethe.methods`` so the registries are complete.
+
+    Module names starting with ``_`` are skipped.
+    """
     for kind in KINDS:
-        importlib.import_module(f"lethe.{kind}")
+        package = f"lethe.{kind}"
+        if package not in _LOADED:
+            for name in _component_modules(package):
+                importlib.import_module(name)
+            _LOADED.add(package)
 
 
 def entries(kind: str) -> dict[str, Entry]:

@@ -6,12 +6,12 @@ import io
 import pytest
 import torch
 
+from lethe.errors import ConfigError
 from lethe.methods.base import MethodContext
 from lethe.methods.clr import CLR
 from lethe.metrics import cl
 from lethe.metrics.evaluator import Evaluator
 from lethe.platform.config import load_config
-from lethe.platform.errors import ConfigError
 from lethe.platform.runner import build_components, run_experiment
 
 FAST = ["scenario.n_experiences=3", "train.epochs=3", "model.channels=16",

@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lethe.dashboards import compare
-from lethe.platform.errors import ConfigError
+from lethe.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 LETHE = str(Path(sys.executable).parent / "lethe")
@@ -159,6 +154,39 @@ def test_compare_cli_names_an_unknown_experiment(cl_store):
         compare.write_compare(f"sqlite:///{tmp}/m.db", run_ids=["nope"], out=tmp / "x.html")
 
 
+def test_parents_logged_with_the_old_tags_still_stand_for_their_members(tmp_path):
+    """Runs of `--seeds` and of sweeps from before the shared tag scheme (lethe.tags)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/old.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("old")
+
+    def child(parent, extra, seed):
+        run_id = client.create_run(exp, tags={"mlflow.parentRunId": parent, **extra}).info.run_id
+        client.log_param(run_id, "seed", str(seed))
+        for step in range(2):
+            client.log_metric(run_id, "acc/avg_seen", 0.5 + 0.1 * seed - 0.1 * step, step=step)
+        client.set_terminated(run_id)
+        return run_id
+
+    sweep = client.create_run(exp, tags={"lethe.sweep.role": "parent"}).info.run_id
+    seeds = client.create_run(exp, tags={"lethe.role": "seed-parent", "lethe.seeds": "2"}).info.run_id
+    sweep_members = [child(sweep, {"lethe.sweep.parent": sweep, "lethe.sweep.member": str(i)}, i)
+                     for i in range(2)]
+    seed_members = [child(seeds, {"lethe.seed_index": str(k)}, k) for k in range(2)]
+
+    def ids(**kw):
+        return sorted(r.info.run_id for r in compare.select_runs(client, **kw))
+
+    assert ids(experiment="old") == sorted(sweep_members + seed_members)
+    assert ids(run_ids=[seeds]) == sorted(seed_members)
+    assert ids(run_ids=[sweep]) == sorted(sweep_members)
+    page = compare.write_compare(uri, run_ids=[sweep], out=tmp_path / "p.html")
+    assert (page.n_runs, page.n_groups, page.logged_to) == (2, 1, sweep)
+    assert "compare.html" in [a.path for a in client.list_artifacts(sweep)]
+
+
 # --- a real browser ---------------------------------------------------------------------------------
 def _load_helpers():
     spec = importlib.util.spec_from_file_location("screenshot_page", ROOT / "scripts" / "screenshot_page.py")
@@ -255,33 +283,6 @@ def test_browser_table_sorts_by_the_clicked_column(browser, cl_store):
 
 
 # --- a real MLflow server -----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("srv")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-                             "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp}/srv.db",
-                             "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"],
-                            cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                if urllib.request.urlopen(url + "/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not come up")
-        yield url, tmp
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers: our own session
-        proc.wait(timeout=30)
-
-
 @pytest.mark.integration
 def test_sweep_and_compare_against_an_mlflow_server(mlflow_server):
     url, tmp = mlflow_server
@@ -295,7 +296,7 @@ def test_sweep_and_compare_against_an_mlflow_server(mlflow_server):
     client = MlflowClient(url)
     exp = client.get_experiment_by_name("srv")
     runs = client.search_runs([exp.experiment_id])
-    parent = [r for r in runs if r.data.tags.get("lethe.sweep.role") == "parent"][0]
+    parent = [r for r in runs if r.data.tags.get("lethe.role") == "parent"][0]
     assert "compare.html" in [a.path for a in client.list_artifacts(parent.info.run_id)]
     out = subprocess.run([LETHE, "compare", "--runs", parent.info.run_id, f"tracking.uri={url}",
                           "--out", str(tmp / "p.html")], capture_output=True, text=True, cwd=tmp,

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from lethe import registry
+from lethe.errors import ConfigError
 from lethe.methods.base import MethodContext
 from lethe.metrics import compat
 from lethe.metrics.evaluator import Evaluator, PredictionStore
 from lethe.platform import checkpoint as ckpt
 from lethe.platform.config import load_config, validate
-from lethe.platform.errors import ConfigError
 from lethe.platform.runner import build_components, run_experiment
 
 # --- a small known example -------------------------------------------------------------

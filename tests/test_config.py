@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from lethe.errors import ConfigError
 from lethe.platform.config import load_config
-from lethe.platform.errors import ConfigError
 
 
 def error_of(*overrides, config="split_digits") -> str:

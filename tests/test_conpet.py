@@ -7,12 +7,12 @@ from collections import Counter
 
 import pytest
 import torch
-
 from conftest import mlflow_client
+
+from lethe.errors import ConfigError
 from lethe.methods.base import MethodContext
 from lethe.methods.conpet import DynamicReplaySampler
 from lethe.platform.config import load_config
-from lethe.platform.errors import ConfigError
 from lethe.platform.runner import build_components, run_experiment
 
 # a small random BERT on the MiniLM tokenizer: the mechanics, fast on CPU
@@ -151,11 +151,11 @@ def test_dynamic_run_resumes_to_the_same_numbers(store, tmp_path, monkeypatch):
     cfg = load_config("conpet_dynamic_text", TINY + store["overrides"] + [f"checkpoint.dir={tmp_path / 'b'}"])
     real, calls = Evaluator.evaluate, []
 
-    def interrupted(self, fn, label, model=None):
+    def interrupted(self, fn, label, model=None, plain=False):
         calls.append(label)
         if len(calls) == 4:
             raise KeyboardInterrupt
-        return real(self, fn, label, model)
+        return real(self, fn, label, model, plain)
 
     monkeypatch.setattr(Evaluator, "evaluate", interrupted)
     with pytest.raises(KeyboardInterrupt):

@@ -5,11 +5,17 @@ import pytest
 import torch
 from torch import nn
 
+from lethe.errors import RunError
 from lethe.metrics import cl
-from lethe.metrics.evaluator import (CPU_BATCH_BYTES, CPU_MIN_BATCH, Evaluator, PredictionStore,
-                                     auto_batch_size, same_architecture)
+from lethe.metrics.evaluator import (
+    CPU_BATCH_BYTES,
+    CPU_MIN_BATCH,
+    Evaluator,
+    PredictionStore,
+    auto_batch_size,
+    same_architecture,
+)
 from lethe.models.vision import MLPConfig, ModelInfo, SimpleCNNConfig, mlp, simple_cnn
-from lethe.platform.errors import RunError
 from lethe.scenarios import types as scenario_types
 
 INFO = ModelInfo(input_shape=(1, 8, 8), n_classes=10)
@@ -67,14 +73,30 @@ def reference(models, x) -> torch.Tensor:
 
 # --- one model -----------------------------------------------------------------------
 
+def hand_auto_batch_size(model: nn.Sequential, x: torch.Tensor) -> int:
+    """The CPU auto size worked out by hand: one sample's activation bytes from a plain loop
+    over the layers (plus its input), ~CPU_BATCH_BYTES of them per batch, equal batches."""
+    model.eval()
+    h, per_sample = x[:1], x[0].numel() * x.element_size()
+    with torch.no_grad():
+        for layer in model:
+            h = layer(h)
+            per_sample += h.numel() * h.element_size()
+    n_batches = -(-len(x) // (CPU_BATCH_BYTES // per_sample))
+    return -(-len(x) // n_batches)
+
+
 def test_predictions_do_not_depend_on_batch_size(digits_test):
     torch.manual_seed(0)
-    model = shaped(simple_cnn(SimpleCNNConfig(channels=8), INFO), digits_test.x, 0)
+    model = shaped(simple_cnn(SimpleCNNConfig(channels=32), INFO), digits_test.x, 0)
     ref = reference([model], digits_test.x)[0]
-    for bs in (0, 7, 600, 5000):       # auto, a ragged last batch, exactly N, more than N
+    auto = hand_auto_batch_size(model, digits_test.x)
+    assert auto == 200            # 74,792 B per sample: 224 fit in 16 MiB → 3 batches of 200
+    # auto, a ragged last batch, exactly N, more than N
+    for bs, expected in ((0, auto), (7, 7), (600, 600), (5000, 5000)):
         ev = Evaluator(digits_test, batch_size=bs)
         assert torch.equal(ev.predict(lambda x, t: model(x), model), ref), bs
-        assert ev.batch_size == (bs or ev.batch_size) and ev.batch_size >= 1
+        assert ev.batch_size == expected, bs
 
 
 def test_evaluate_restores_training_mode_and_stores_row(digits_test):

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, run_cli
+
+from lethe.errors import ConfigError
 from lethe.platform.config import load_config
-from lethe.platform.errors import ConfigError
 from lethe.platform.runner import build_components
 from lethe.scenarios.forget import add_forget_requests, shard_of, slice_of
 from lethe.scenarios.split_digits import SplitDigitsConfig, split_digits

@@ -5,9 +5,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from lethe.errors import ConfigError
 from lethe.models.hf import HFCausalLMConfig, HFEncoderConfig, hf_causal_lm, hf_encoder, minilm_path
 from lethe.models.vision import ModelInfo
-from lethe.platform.errors import ConfigError
 from lethe.scenarios.text import tokenize
 
 SENTENCES = ["a cat is sleeping on the sofa", "a kitten naps on the couch",
@@ -44,6 +44,30 @@ def test_minilm_head_outputs_class_logits_and_accepts_ids_only(minilm):
     padded = (x[:, 1] == 0).any(1)
     assert torch.allclose(out[~padded], ids_only[~padded], atol=1e-5)
     assert not torch.allclose(out[padded], ids_only[padded], atol=1e-5)
+
+
+def test_loading_leaves_the_process_environment_and_transformers_settings_alone(tmp_path):
+    """Offline loading is per call (local_files_only), not HF_HUB_OFFLINE for the whole
+    process; transformers' verbosity and bars are silenced only while lethe loads."""
+    import os
+
+    from transformers.utils import logging as hf_logging
+
+    from lethe.models.hf import load_tokenizer
+
+    before = dict(os.environ)
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_info()
+    hf_logging.enable_progress_bar()
+    try:
+        hf_encoder(OmegaConf.structured(HFEncoderConfig()), ModelInfo((2, 8), 2))
+        load_tokenizer.__wrapped__(minilm_path())    # past the cache: a real second load
+        assert hf_logging.get_verbosity() == hf_logging.INFO
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+    assert dict(os.environ) == before
 
 
 def test_hf_encoder_reports_missing_folder_and_bad_pooling():

@@ -6,12 +6,12 @@ from collections import Counter
 
 import pytest
 import torch
-
 from conftest import mlflow_client
+
+from lethe.errors import ConfigError
 from lethe.methods.base import MethodContext
 from lethe.methods.hft import HFT
 from lethe.platform.config import load_config
-from lethe.platform.errors import ConfigError
 from lethe.platform.runner import build_components, run_experiment
 
 SMALL = ["scenario.markov_tokens=3000", "scenario.block_size=16", "train.epochs=1", "device=cpu"]

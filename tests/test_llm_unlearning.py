@@ -17,9 +17,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from lethe import registry  # noqa: E402
+from lethe.errors import RunError  # noqa: E402
 from lethe.methods.base import MethodContext  # noqa: E402
 from lethe.platform.config import load_config  # noqa: E402
-from lethe.platform.errors import RunError  # noqa: E402
 from lethe.platform.runner import build_components  # noqa: E402
 
 # 6 authors (1 forgotten: 12 QA rows + 1 biography), 2 unseen, a Llama of width 32

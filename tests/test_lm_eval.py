@@ -44,7 +44,7 @@ def test_loss_ppl_and_token_accuracy_match_a_plain_loop(stream):
     ref = nll / count
     assert torch.allclose(ev.loss_matrix()[0], ref, atol=1e-5)
     assert torch.allclose(small.loss_matrix()[0], ref, atol=1e-5)
-    m = ev.step_metrics(n_learned=1)
+    m = ev.point_metrics(n_learned=1)
     for j in range(3):
         assert m[f"ppl/exp_{j}"] == pytest.approx(math.exp(float(ref[j])), rel=1e-5)
         assert m[f"acc/exp_{j}"] == pytest.approx(float(hits[j] / count[j]), abs=1e-6)
@@ -83,11 +83,11 @@ def test_corpus_stream_run_logs_perplexity_and_resumes_exactly(store, tmp_path, 
     cfg2 = load_config("rewarm_lm_corpora", over + [f"checkpoint.dir={tmp_path / 'ck2'}"])
     real, calls = LMEvaluator.evaluate, []
 
-    def interrupted(self, fn, label, model=None):
+    def interrupted(self, fn, label, *args, **kwargs):
         calls.append(label)
         if label == "learn:2" and len(calls) == 4:
             raise KeyboardInterrupt
-        return real(self, fn, label, model)
+        return real(self, fn, label, *args, **kwargs)
 
     monkeypatch.setattr(LMEvaluator, "evaluate", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -142,7 +142,7 @@ def test_exact_match_equals_greedy_decoding_of_the_continuation():
     ref = (gen[:, -4:] == s.test.x[:, -4:]).all(1)
     assert 0 < int(ref.sum()) < len(ref)
     assert torch.equal(em, ref)
-    assert ev.step_metrics(1)["em/exp_0"] == pytest.approx(float(ref.double().mean()))
+    assert ev.point_metrics(1)["em/exp_0"] == pytest.approx(float(ref.double().mean()))
 
 
 @pytest.mark.integration

@@ -171,15 +171,6 @@ def test_store_preds_cache_follows_additions_and_load():
 
 # --- against Avalanche's own metrics, same model, same split-digits stream -----------------
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train faster on one thread than on two contended ones (shared CI cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_accuracy_matrix_and_bwt_agree_with_avalanche_metrics_on_split_digits(one_thread):
     from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
     from avalanche.training import Naive

@@ -16,12 +16,23 @@ from typing import List
 
 import pytest
 import torch
+from conftest import restored_registry
 
-from lethe.methods.mos import (class_statistics, ensemble_logits, gaussian_factors, mean_adapter,
-                               merge_adapters, refine_retrieval, sample_gaussians)
+from lethe.errors import ConfigError
+from lethe.methods.mos import (
+    class_statistics,
+    ensemble_logits,
+    gaussian_factors,
+    mean_adapter,
+    merge_adapters,
+    refine_retrieval,
+    sample_gaussians,
+)
 from lethe.platform.config import load_config
-from lethe.platform.errors import ConfigError
 from lethe.registry import register_scenario
+
+# tiny matrices: intra-op threads only contend on a small shared machine's cores (≈10x slower)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VIT = "{img_size: 8, patch_size: 2, depth: 2, embed_dim: 32, num_heads: 2}"
 PRETRAIN_CLASSES = [0, 1, 2, 3]
@@ -47,7 +58,6 @@ def _digits_split():
     return x, y, torch.as_tensor(tr), torch.as_tensor(te)
 
 
-@register_scenario("mos_test_digits_subset", config=DigitsSubsetConfig, settings=("class_incremental",))
 def digits_subset(cfg, seed):
     from lethe.scenarios.streams import class_incremental_stream, split_classes
 
@@ -61,12 +71,12 @@ def digits_subset(cfg, seed):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: intra-op threads only contend on the shared 2-core machine (≈10x slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def digits_subset_scenario():
+    """The test-only scenario, registered for this module's tests only."""
+    with restored_registry():
+        register_scenario("mos_test_digits_subset", config=DigitsSubsetConfig,
+                          settings=("class_incremental",))(digits_subset)
+        yield
 
 
 @pytest.fixture(scope="module")

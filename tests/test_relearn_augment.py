@@ -1,4 +1,4 @@
-"""ReLearn's data augmentation (lethe/methods/relearn_augment.py): determinism, no leaked
+"""ReLearn's data augmentation (lethe/scenarios/qa_augment.py): determinism, no leaked
 facts, subject kept, cut prompts, typos outside the name, vocabulary coverage, positive pairs,
 and the LLM-backed augmenter on tiny local GPT-2 models."""
 import re
@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from lethe.methods import relearn_augment as ra
+from lethe.scenarios import qa_augment as ra
 
 WORD = re.compile(r"\w+|[^\w\s]")     # the synthetic set's word tokenizer split
 

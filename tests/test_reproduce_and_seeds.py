@@ -6,9 +6,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from scipy import stats
-
 from conftest import ROOT, mlflow_client, run_cli
+from scipy import stats
 
 pytestmark = pytest.mark.integration
 
@@ -52,8 +51,8 @@ def test_reproduce_refuses_when_the_data_changed(tmp_path, store):
     """An image moved to another class folder after the run: reproduce must refuse."""
     from PIL import Image
 
+    from lethe.errors import ConfigError
     from lethe.platform.config import load_config
-    from lethe.platform.errors import ConfigError
     from lethe.platform.reproduce import reproduce
     from lethe.platform.runner import run_experiment
 
@@ -95,9 +94,12 @@ def test_seeds_parent_aggregates_match_numpy(tmp_path, store):
     res = run_cli(["run", "split_digits", *store["overrides"], *FAST, "--seeds", "3"], cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     client, runs = runs_of(store["uri"])
-    parent = [r for r in runs if r.data.tags.get("lethe.role") == "seed-parent"]
+    parent = [r for r in runs if r.data.tags.get("lethe.role") == "parent"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
     assert len(parent) == 1 and len(children) == 3
+    assert parent[0].data.tags["lethe.group"] == "seeds"
+    assert sorted(c.data.tags["lethe.member"] for c in children) == ["0", "1", "2"]
+    assert all(c.data.tags["lethe.role"] == "child" for c in children)
     assert sorted(int(c.data.params["seed"]) for c in children) == [0, 1, 2]
     for key in ("acc/avg_seen", "forgetting/avg", "bwt"):
         values = np.array([c.data.metrics[key] for c in children])
@@ -107,3 +109,34 @@ def test_seeds_parent_aggregates_match_numpy(tmp_path, store):
         half = stats.t.ppf(0.975, 2) * values.std(ddof=1) / np.sqrt(3)
         assert m[f"{key}/ci95"] == pytest.approx(half, abs=1e-12)
     assert len({c.data.metrics["acc/avg_seen"] for c in children}) > 1   # seeds really differ
+
+
+def test_compare_shows_a_seeds_parent_as_one_group_of_its_seeds(tmp_path, store):
+    import re
+
+    from lethe.dashboards import compare
+
+    res = run_cli(["run", "split_digits", *store["overrides"], "train.epochs=1", "--seeds", "3"],
+                  cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    client, runs = runs_of(store["uri"])
+    (parent,) = [r.info.run_id for r in runs if r.data.tags.get("lethe.seeds") == "3"]
+    seeds = {r.info.run_id: r.data.params["seed"] for r in runs if r.info.run_id != parent}
+    assert sorted(seeds.values()) == ["0", "1", "2"]
+
+    # the library data behind the page: one config group of the three seeds, no parent row
+    groups = compare.group_runs(compare.load_runs(client, compare.select_runs(client, "test")))
+    assert [sorted(r.run_id for r in g) for g in groups.values()] == [sorted(seeds)]
+
+    # the page itself, through the CLI, both from the experiment and from the parent's id
+    for args, name in ((["--experiment", "test"], "all.html"), (["--runs", parent], "parent.html")):
+        out = run_cli(["compare", *args, f"tracking.uri={store['uri']}", "--out", str(tmp_path / name)],
+                      cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-2000:]
+        page = (tmp_path / name).read_text()
+        assert "3 runs (3 FINISHED) in 1 config groups" in page
+        table = page.split("<table", 1)[1]
+        rows = re.findall(r"<tr><td title='(\w+)'>", table)
+        assert sorted(rows) == sorted(seeds) and parent not in table
+        assert f"logged as artifact compare.html of parent run {parent}" in out.stdout
+    assert "compare.html" in [a.path for a in client.list_artifacts(parent)]

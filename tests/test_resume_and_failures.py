@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass
 
 import pytest
-
 from conftest import LETHE, ROOT, only_run, run_cli
 
 pytestmark = pytest.mark.integration
@@ -127,12 +126,12 @@ class NanModelConfig:
     nan_after: int = 30      # training forwards before the model starts returning NaN
 
 
-def test_nan_loss_stops_with_message_and_keeps_logged_metrics(tmp_path, store):
+def test_nan_loss_stops_with_message_and_keeps_logged_metrics(tmp_path, store, registry_snapshot):
     """A registered model that turns NaN mid-stream: exit message names experience and epoch."""
     import torch
 
+    from lethe.errors import RunError
     from lethe.platform.config import load_config
-    from lethe.platform.errors import RunError
     from lethe.platform.runner import run_experiment
     from lethe.registry import register_model
 
@@ -178,3 +177,44 @@ def test_cli_reports_run_failure_with_log_path_and_exit_1(tmp_path, store):
     assert "Traceback" not in res.stderr
     _, run = only_run(store["uri"])
     assert run.info.status == "FAILED"
+
+
+def test_resume_with_validation_and_best_selection_equals_uninterrupted_run(tmp_path, monkeypatch):
+    """Validation carves its split with a per-experience counter; a resumed run must carve the
+    same ids. The run is interrupted (Ctrl-C) as experience 2 of 3 starts, after experiences 0
+    and 1 were checkpointed, then resumed in the same MLflow run: every logged metric history
+    equals the uninterrupted run's bitwise. (Before the counter was checkpointed the resumed
+    run ended with acc/exp_2 0.642 instead of 0.336.)"""
+    from lethe.methods.base import Method
+    from lethe.platform.config import load_config
+    from lethe.platform.runner import run_experiment
+
+    def cfg(name):
+        return load_config("split_digits", [
+            "scenario.n_experiences=3", "train.epochs=3", "eval.every_epochs=1",
+            "checkpoint.select=best", "method.mem_size=60", f"tracking.uri=sqlite:///{tmp_path / name}.db",
+            "tracking.experiment=test", f"checkpoint.dir={tmp_path / name}"])
+
+    whole = run_experiment(cfg("a"))
+    serve = Method.serve
+
+    def interrupt_at_2(self, experience):
+        if experience.index == 2:
+            raise KeyboardInterrupt
+        serve(self, experience)
+
+    monkeypatch.setattr(Method, "serve", interrupt_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg("b"))
+    monkeypatch.setattr(Method, "serve", serve)
+    resumed = run_experiment(cfg("b"), resume=True)
+
+    client_a, run_a = only_run(f"sqlite:///{tmp_path / 'a'}.db")
+    client_b, run_b = only_run(f"sqlite:///{tmp_path / 'b'}.db")
+    assert run_b.info.run_id == resumed.run_id and run_b.info.status == "FINISHED"
+    keys = sorted(k for k in run_a.data.metrics if k.startswith(("acc/", "select/", "val/", "nfr/")))
+    assert "acc/exp_2" in keys and "select/epoch" in keys and "val/acc" in keys
+    for key in keys:
+        hist = lambda c, r: sorted((m.step, m.value) for m in c.get_metric_history(r.info.run_id, key))  # noqa: E731
+        assert hist(client_a, run_a) == hist(client_b, run_b), key
+    assert whole.final["acc/exp_2"] == resumed.final["acc/exp_2"]

@@ -6,10 +6,10 @@ import io
 import pytest
 import torch
 
+from lethe.errors import ConfigError
 from lethe.methods.base import MethodContext
 from lethe.methods.rewarm import RewarmReplay
 from lethe.platform.config import load_config
-from lethe.platform.errors import ConfigError
 from lethe.platform.runner import build_components, run_experiment
 
 

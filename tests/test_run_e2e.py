@@ -28,6 +28,9 @@ def test_split_digits_preset_runs_and_replay_forgets_less_than_naive(tmp_path, s
     assert run.data.tags["lethe.version"] and run.data.tags["host"]
     # train/loss comes from Avalanche's own loss metric through the MLflow logger
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 5 * 8
+    # the CLI owns the process and lets the run's progress (INFO) into run.log
+    run_log = open(client.download_artifacts(run.info.run_id, "run.log", str(tmp_path))).read()
+    assert " INFO " in run_log and "accuracy matrix (rows: evaluated after" in run_log
 
     # The accuracy matrix artifact agrees with the logged per-experience accuracies.
     local = client.download_artifacts(run.info.run_id, "accuracy_matrix.csv", str(tmp_path))

@@ -5,13 +5,14 @@ import math
 
 import pytest
 import torch
+from conftest import train_by_hand
 
+from lethe.errors import ConfigError, RunError
 from lethe.methods.base import MethodContext
-from lethe.methods.s3t import (bipartite_sequences, cyclic_sequences, all_sequences,
-                               sequence_score)
+from lethe.methods.s3t import all_sequences, bipartite_sequences, cyclic_sequences, sequence_score
 from lethe.platform.config import load_config
-from lethe.platform.errors import ConfigError, RunError
 from lethe.platform.runner import build_components, seed_everything
+from lethe.scenarios.forget import derive_seed, shard_of, slice_of
 from lethe.scenarios.types import ForgetRequest
 
 TINY = ["device=cpu", "scenario.n_experiences=5", "model.name=mlp", "model.layers=3",
@@ -114,21 +115,24 @@ def test_deletion_serves_the_stored_prefix_checkpoint_bitwise_and_equals_fresh_t
     assert served is m.ckpts[j][b][p] and equal_states(served, m.ckpts[j][b][p])
     # ... which equals deactivating the later groups of the fully trained sequence
     assert equal_states(m.deactivate(j, b, p), served)
-    # 2) a fresh training on just those prefix slices, same seeds, gives the same tensors
+    # 2) training by hand on just those prefix slices, stage by stage with each stage's
+    # documented seed (seed, shard, slices so far), from the same initial model, gives it too
     fresh, _ = build()
-    prefix_rows = m.slice_rows(j, seq[:p])
-    fresh.seen[prefix_rows] = True                    # it knows nothing but the prefix slices
-    state = fresh.init_state
+    pool = stream.train
+    live = torch.isin(pool.ids, torch.as_tensor(list(stream.experiences[0].train.dataset.sample_id)))
+    live &= pool.ids != victim
+    shard = torch.as_tensor(shard_of(pool.ids.numpy(), 2, 0))
+    slice_ = torch.as_tensor(slice_of(pool.ids.numpy(), 3, 0))
     for i in range(p):
-        fresh.load(state)
-        rows = fresh.slice_rows(j, seq[:i + 1])
-        fresh.fit(fresh.stage_names(i), rows, fresh.stage_seed(j, tuple(seq[:i + 1])), "fresh")
-        state = fresh.snapshot()
-    assert equal_states(state, served)
+        rows = live & (shard == j) & torch.isin(slice_, torch.tensor(seq[:i + 1]))
+        train_by_hand(fresh.model, fresh.stage_names(i), pool.x[rows], pool.y[rows].long(),
+                      fresh.ctx.train, derive_seed(0, 0x5115A, j, *seq[:i + 1]))
+    by_hand = {**dict(fresh.model.named_parameters()), **dict(fresh.model.named_buffers())}
+    assert equal_states(served, {k: by_hand[k] for k in served})
     # 3) its recorded training ids exclude the deleted sample and are the prefix slices
     ids = m.training_ids(j)
     assert victim not in set(ids.tolist())
-    assert torch.equal(ids, m.ids_of(prefix_rows).sort().values)
+    assert torch.equal(ids, pool.ids[rows].sort().values)   # rows: the last stage's, all p slices
     # the ensemble prediction is the mean of the shards' logits (vmapped pass vs a loop)
     x = stream.test.x[:50]
     ref = []

@@ -9,11 +9,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-
-
 from lethe import registry
+from lethe.errors import ConfigError
 from lethe.platform.config import validate
-from lethe.platform.errors import ConfigError
 
 
 def build(scenario: dict, seed: int = 0):
@@ -122,32 +120,53 @@ def test_avalanche_benchmark_without_data_offline_is_a_clear_error(tmp_path):
                "kwargs": {"n_experiences": 5}})
 
 
-def test_adding_a_method_is_one_decorated_class(tmp_path, store):
+def test_adding_a_method_is_one_decorated_class(tmp_path, store, registry_snapshot):
     from dataclasses import dataclass
+
+    from conftest import mlflow_client
 
     from lethe.methods.base import Method
     from lethe.platform.config import load_config
+    from lethe.platform.runner import run_experiment
 
     @dataclass
-    class FrozenConfig:
-        note: str = "x"
+    class ConstantConfig:
+        label: int = 0
 
-    @registry.register_method("frozen_test", config=FrozenConfig)
-    class Frozen(Method):
-        """Test method: never updates the model."""
+    @registry.register_method("constant_test", config=ConstantConfig)
+    class Constant(Method):
+        """Test method: never trains; predicts method.label for every sample."""
 
         def learn(self, experience):
             self.learned.append(experience.index)
 
-    cfg = load_config("split_digits", ["method.name=frozen_test", "method.note=y"])
-    assert cfg.method.note == "y"
-    assert registry.get("methods", "frozen_test").doc == "Test method: never updates the model."
-    assert OmegaConf.select(cfg, "method.name") == "frozen_test"
+        def predict(self, x, task_ids):
+            return torch.nn.functional.one_hot(torch.full((len(x),), self.cfg.label), 10).float()
 
-    from lethe.platform.runner import run_experiment
+    cfg = load_config("split_digits", ["method.name=constant_test", "method.label=7"])
+    assert cfg.method.label == 7 and OmegaConf.select(cfg, "method.name") == "constant_test"
+    assert registry.get("methods", "constant_test").doc.startswith("Test method: never trains;")
 
-    cfg = load_config("split_digits", ["method.name=frozen_test", "scenario.n_experiences=2",
-                                       *store["overrides"]])
+    cfg = load_config("split_digits", ["method.name=constant_test", "method.label=7",
+                                       "scenario.n_experiences=2", *store["overrides"]])
     result = run_experiment(cfg)
-    assert result.status == "FINISHED"
-    assert result.final["nfr/prev"] == 0.0 and result.final["pfr/prev"] == 0.0  # never changed
+    # the method's predictions reached the logged metrics: after each experience, accuracy
+    # on test experience j is the share of 7s among its test samples
+    test = build({"name": "split_digits", "n_experiences": 2}).test
+    expected = [(test.y[test.exp == j] == 7).double().mean().item() for j in (0, 1)]
+    assert sorted(e > 0 for e in expected) == [False, True]   # 7 is in one experience only
+    client = mlflow_client(store["uri"])
+    for j in (0, 1):
+        history = client.get_metric_history(result.run_id, f"acc/exp_{j}")
+        logged = sorted((m.step, m.value) for m in history)
+        assert logged == [(0, pytest.approx(expected[j])), (1, pytest.approx(expected[j]))]
+
+
+def test_restored_registry_drops_what_was_registered_inside_and_keeps_the_built_ins():
+    from conftest import restored_registry
+
+    before = set(registry.entries("methods"))
+    with restored_registry():
+        registry.register_method("leak_test")(type("Leak", (), {"__doc__": "Test method."}))
+        assert "leak_test" in registry.entries("methods")
+    assert set(registry.entries("methods")) == before and {"naive", "sisa"} <= before

@@ -1,13 +1,17 @@
-"""LR schedules: formulas at key steps, config errors, and per-step application in real runs."""
+"""LR schedules: formulas at key steps, config errors, per-step application in real runs, and
+the run's plots (drawn without touching matplotlib's or logging's process-wide state)."""
 from __future__ import annotations
 
+import logging
 import math
+import subprocess
+import sys
 
 import pytest
 
-from lethe.platform import schedules as S
+from lethe.errors import ConfigError
+from lethe.engine import schedules as S
 from lethe.platform.config import load_config
-from lethe.platform.errors import ConfigError
 
 ETA = 0.01
 
@@ -116,7 +120,14 @@ def test_runs_apply_the_schedule_at_every_step(tmp_path, preset):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     cfg = load_config(preset, [f"tracking.uri={uri}", f"checkpoint.dir={tmp_path / 'ck'}",
                                "train.epochs=2", "eval.save_predictions=false"])
-    res = run_experiment(cfg)
+    lethe_log = logging.getLogger("lethe")
+    level = lethe_log.level
+    lethe_log.setLevel(logging.ERROR)     # a library caller's choice, which a run must keep
+    try:
+        res = run_experiment(cfg)
+        assert lethe_log.level == logging.ERROR
+    finally:
+        lethe_log.setLevel(level)
     hist, arts = logged_lr(uri, res.run_id)
     sched = cfg.train.lr_schedule
     expected = []
@@ -128,3 +139,38 @@ def test_runs_apply_the_schedule_at_every_step(tmp_path, preset):
     assert "lr_schedule.png" in arts
     if preset == "rewarm_replay_digits":    # re-warmed at every experience: 5 peaks at η_max
         assert sum(1 for _, v in hist if v == pytest.approx(cfg.train.lr)) >= 5
+
+
+PLOTS = """
+import sys
+import matplotlib
+matplotlib.use("svg")            # the caller's backend, which lethe's plots must keep
+import torch
+from PIL import Image
+from lethe.metrics.compat import write_flip_confusion_png
+from lethe.metrics.evaluator import PredictionStore
+from lethe.platform import report
+
+out = sys.argv[1]
+report.write_schedule_png([0, 1, 2, 3], [0.1, 0.05, 0.02, 0.01], out + "/lr.png", "lr", [2])
+store = PredictionStore(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 1]),
+                        torch.zeros(3, dtype=torch.long), torch.arange(3), 2, 2)
+store.add("exp_0", torch.tensor([0, 0, 0]))
+store.add("exp_1", torch.tensor([0, 1, 0]))
+report.write_accuracy_png(store, out + "/acc.png", "acc")
+write_flip_confusion_png(torch.tensor([[0, 2], [1, 0]]),
+                         [{"neg_flips": 2, "pos_flips": 0}, {"neg_flips": 1, "pos_flips": 1}],
+                         out + "/flips.png", "flips")
+assert "matplotlib.pyplot" not in sys.modules
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+print(*(Image.open(f"{out}/{n}.png").size for n in ("lr", "acc", "flips")))
+"""
+
+
+def test_plots_keep_the_callers_matplotlib_backend_and_never_load_pyplot(tmp_path):
+    """In a fresh process (pytest's may have pyplot loaded already)."""
+    res = subprocess.run([sys.executable, "-c", PLOTS, str(tmp_path)], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    # figure inches × 110 dpi: lr 7×3; accuracy (1 + 0.6·2)×(1 + 0.45·2); flips (4 + 0.9·2)×(1.5 + 0.4·2)
+    assert res.stdout.split() == ["(770,", "330)", "(242,", "209)", "(638,", "253)"]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import train_by_hand
 
+from lethe.errors import ConfigError, RunError
 from lethe.methods.base import MethodContext
 from lethe.platform.config import load_config
-from lethe.platform.errors import ConfigError, RunError
 from lethe.platform.runner import build_components, seed_everything
+from lethe.scenarios.forget import derive_seed, shard_of, slice_of
 from lethe.scenarios.types import ForgetRequest
 
 TINY = ["device=cpu", "scenario.n_experiences=5", "model.name=mlp", "model.layers=1",
@@ -38,12 +40,21 @@ def test_deletion_equals_training_the_shard_from_scratch_without_the_sample(lora
     others = {s: m.served_state(s) for s in (0, 2)}
     m.unlearn(ForgetRequest(torch.tensor([victim]), after=0))
 
-    # fresh instance, same seeds; it trains shard j from its initial state on the live data
+    # from scratch, by hand: the same initial model (same seeds) trains shard j's live samples
+    # in stages of cumulative slices 0..i, each with its documented seed (seed, shard, slices)
     fresh, _ = build(*lora)
-    fresh.seen = m.seen.clone()
-    fresh.deleted = m.deleted.clone()
-    fresh.refresh_shard(j)
-    assert equal_states(m.served_state(j), fresh.served_state(j))
+    pool, exp0 = stream.train, stream.experiences[0]
+    live = torch.isin(pool.ids, torch.as_tensor(list(exp0.train.dataset.sample_id))) & (pool.ids != victim)
+    shard = torch.as_tensor(shard_of(pool.ids.numpy(), 3, 0))
+    slice_ = torch.as_tensor(slice_of(pool.ids.numpy(), 3, 0))
+    names = [n for n, p in fresh.model.named_parameters() if p.requires_grad]
+    for i in range(3):
+        rows = live & (shard == j) & (slice_ <= i)
+        train_by_hand(fresh.model, names, pool.x[rows], pool.y[rows].long(), fresh.ctx.train,
+                      derive_seed(0, 0x5115A, j, *range(i + 1)))
+    by_hand = {**dict(fresh.model.named_parameters()), **dict(fresh.model.named_buffers())}
+    served = m.served_state(j)
+    assert equal_states(served, {k: by_hand[k] for k in served})
     assert victim not in set(m.training_ids(j).tolist())
     # the checkpoints before the sample's slice were reused, not retrained ...
     assert all(m.ckpts[j][0][i] is kept[i] for i in range(k + 1))
@@ -89,7 +100,6 @@ def test_a_request_that_empties_a_shard_is_refused_whole():
 def test_emptying_a_shard_is_a_config_error_before_any_work(tmp_path):
     import numpy as np
 
-    from lethe.scenarios.forget import shard_of
     from lethe.scenarios.split_digits import SplitDigitsConfig, split_digits
 
     stream = split_digits(SplitDigitsConfig(n_experiences=5), 0)

@@ -96,10 +96,10 @@ def test_slurm_sweep_runs_a_2x2_grid_as_one_array_job(slurm_env, tmp_path):
     assert "compare.html" in [a.path for a in client.list_artifacts(parent)]
 
     children = client.search_runs([run.info.experiment_id],
-                                  filter_string=f"tags.`lethe.sweep.parent` = '{parent}'")
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
     assert len(children) == 4
     assert all(c.info.status == "FINISHED" for c in children)
-    assert all(c.data.tags["mlflow.parentRunId"] == parent for c in children)
+    assert all(c.data.tags["lethe.role"] == "child" for c in children)
     combos = sorted((c.data.params["method.mem_size"], c.data.params["train.lr"]) for c in children)
     assert combos == [("20", "0.05"), ("20", "0.1"), ("50", "0.05"), ("50", "0.1")]
     for c in children:
@@ -151,7 +151,7 @@ def test_scontrol_requeue_resumes_the_same_run_from_its_checkpoint(slurm_env, tm
     parent = state["parent_run_id"]
     exp = client.get_experiment_by_name("requeue")
     members = client.search_runs([exp.experiment_id],
-                                 filter_string=f"tags.`lethe.sweep.parent` = '{parent}'")
+                                 filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
     assert [m.info.run_id for m in members] == [run_id]  # the same run, no second one
     run = members[0]
     assert run.info.status == "FINISHED"

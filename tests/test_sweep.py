@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from lethe.errors import ConfigError
 from lethe.platform import sweep
-from lethe.platform.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 LETHE = str(Path(sys.executable).parent / "lethe")
@@ -93,6 +93,36 @@ def test_precheck_rejects_an_incompatible_method_before_submission(tmp_path):
     assert not (tmp_path / "ck").exists()
 
 
+# --- job outcomes, read back through submitit's job API ------------------------------------------
+def _ended_local_job(tmp: Path, fn, *args, **kwargs) -> dict:
+    """A real submitit local job that ran to its end, recorded as the sweep records it."""
+    import submitit
+
+    ex = submitit.LocalExecutor(folder=tmp / "jobs" / "%j")
+    ex.update_parameters(timeout_min=5)
+    job = ex.submit(fn, *args, **kwargs)
+    job.wait()
+    return {"job_id": str(job.job_id), "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)}
+
+
+def test_a_recorded_job_is_rebuilt_and_read_through_submitit(tmp_path):
+    from lethe.platform.sweep.jobs import ended_outcome, rebuild_job
+
+    done = _ended_local_job(tmp_path, dict, status="FINISHED", run_id="r1")
+    assert ended_outcome(rebuild_job("local", done)) == \
+        {"state": "FINISHED", "run_id": "r1", "resumed": False}
+    raised = _ended_local_job(tmp_path, int, "seven")
+    outcome = ended_outcome(rebuild_job("local", raised))
+    assert outcome["state"] == "FAILED"
+    assert outcome["error"] == "ValueError: invalid literal for int() with base 10: 'seven'"
+    # a SLURM task that was cancelled before it wrote anything
+    folder = tmp_path / "jobs" / "4242_1"
+    lost = ended_outcome(rebuild_job("slurm", {"job_id": "4242_1", "stdout": str(folder / "x.out")}))
+    assert lost["state"] == "FAILED"
+    assert lost["error"].startswith("job 4242_1 ended without a result (cancelled, killed or lost)")
+    assert str(folder / "4242_1_0_log.err") in lost["error"]
+
+
 # --- a real local sweep -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def local_sweep(tmp_path_factory):
@@ -113,7 +143,7 @@ def _runs(tmp, experiment="s"):
     client = _client(tmp)
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("lethe.sweep.role") == "parent"]
+    parents = [r for r in runs if r.data.tags.get("lethe.role") == "parent"]
     children = [r for r in runs if r not in parents]
     return client, parents, children
 
@@ -124,6 +154,7 @@ def test_local_sweep_makes_a_parent_and_finished_children(local_sweep):
     assert res.returncode == 0, res.stdout + res.stderr
     client, parents, children = _runs(tmp)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags["lethe.group"] == "sweep"
     parent = parents[0].info.run_id
     assert parents[0].data.params["sweep.grid.method.mem_size"] == "20,50"
     assert parents[0].data.metrics["sweep/finished"] == 2.0
@@ -132,14 +163,14 @@ def test_local_sweep_makes_a_parent_and_finished_children(local_sweep):
     for child in children:
         assert child.info.status == "FINISHED"
         assert child.data.tags["mlflow.parentRunId"] == parent
-        assert child.data.tags["lethe.sweep.parent"] == parent
+        assert child.data.tags["lethe.role"] == "child" and child.data.tags["lethe.group"] == "sweep"
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "acc/avg_seen")]
         assert sorted(steps) == [0, 1]
         # the member ran its own config: the logged config.yaml artifact has its grid value
         (tmp / child.info.run_id).mkdir(exist_ok=True)
         text = client.download_artifacts(child.info.run_id, "config.yaml", str(tmp / child.info.run_id))
         assert f"mem_size: {child.data.params['method.mem_size']}" in Path(text).read_text()
-    assert {c.data.tags["lethe.sweep.member"] for c in children} == {"0", "1"}
+    assert {c.data.tags["lethe.member"] for c in children} == {"0", "1"}
 
 
 @pytest.mark.integration
@@ -171,7 +202,7 @@ def test_compare_page_of_the_sweep_is_written_and_logged_on_the_parent(local_swe
                 f"tracking.uri=sqlite:///{tmp}/m.db", cwd=tmp)
     assert res.returncode == 0, res.stderr
     page = (tmp / "p.html").read_text()
-    assert "logged as artifact compare.html of sweep parent run " + parent in res.stdout
+    assert "logged as artifact compare.html of parent run " + parent in res.stdout
     for child in children:
         assert child.info.run_id in page  # one table row per member
     assert parent not in page.split("<table", 1)[1]  # the parent holds no metrics: not a row

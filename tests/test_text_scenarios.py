@@ -10,10 +10,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from lethe.errors import ConfigError
 from lethe.models.hf import load_tokenizer, minilm_path
-from lethe.platform.errors import ConfigError
-from lethe.scenarios.lm_corpora import (LMCorporaConfig, WordTokenizer, lm_corpora, markov_corpora,
-                                        pack, split_documents)
+from lethe.scenarios.lm_corpora import (
+    LMCorporaConfig,
+    WordTokenizer,
+    lm_corpora,
+    markov_corpora,
+    pack,
+    split_documents,
+)
 from lethe.scenarios.text import TextClassificationConfig, text_classification
 
 LABELS = ["bird", "fish", "tree", "rock"]

@@ -13,10 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import ROOT, only_run, run_cli
 
-from lethe.platform.errors import ConfigError
+from lethe.errors import ConfigError
 
 FIELDS = {"question", "answer", "paraphrased_answer", "perturbed_answer", "paraphrased_question"}
 FACT_KEYS = ("city", "year", "genre", "father", "award", "book")
@@ -480,7 +479,7 @@ def test_retain_only_reference_leaves_the_run_rng_alone_and_is_trained_once(tmp_
     weights equal a model trained here on exactly those rows with the same seed and batch
     order), cached per config, and without touching the run's RNG streams."""
     from lethe.methods.base import make_optimizer
-    from lethe.metrics.qa import train_retain_model
+    from lethe.platform.reference import train_retain_model
     from lethe.platform.config import load_config
     from lethe.platform.runner import build_components
 
@@ -490,11 +489,13 @@ def test_retain_only_reference_leaves_the_run_rng_alone_and_is_trained_once(tmp_
         "model.layers=1", "train.epochs=2", "train.batch_size=16"])
     stream, model, _ = build_components(cfg)
     torch.manual_seed(123)
-    ref = train_retain_model(cfg, stream, torch.device("cpu"))
+    cache = {}
+    ref = train_retain_model(cfg, stream, torch.device("cpu"), cache)
     after = torch.rand(3)
     torch.manual_seed(123)
     assert torch.equal(after, torch.rand(3))            # the caller's stream is unchanged
-    assert train_retain_model(cfg, stream, torch.device("cpu")) is ref   # cached
+    assert train_retain_model(cfg, stream, torch.device("cpu"), cache) is ref   # cached by the caller
+    assert train_retain_model(cfg, stream, torch.device("cpu")) is not ref      # no cache: no sharing
     # the same training by hand: retain rows = every row outside the deletion request
     keep = ~torch.isin(stream.train.ids, stream.experiences[1].request.sample_ids)
     x, y = stream.train.x[keep], stream.train.y[keep]

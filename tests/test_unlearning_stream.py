@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import LETHE, ROOT, only_run, run_cli
+from conftest import LETHE, ROOT, only_run, run_cli, train_by_hand
 
 STREAM = ["scenario.n_experiences=2", "model.name=mlp", "model.layers=3", "model.hidden=16",
           "train.epochs=3", "train.batch_size=16", "train.optimizer=adam", "train.lr=0.01",
@@ -105,6 +105,7 @@ def test_retrain_after_deletion_equals_training_without_the_samples():
     from lethe.methods.base import MethodContext
     from lethe.platform.config import load_config
     from lethe.platform.runner import build_components, seed_everything
+    from lethe.scenarios.forget import derive_seed
     from lethe.scenarios.types import ForgetRequest
 
     def build():
@@ -121,9 +122,14 @@ def test_retrain_after_deletion_equals_training_without_the_samples():
     gone = m.ids_of(m.live)[[3, 50, 77]]
     m.unlearn(ForgetRequest(gone, after=0))
     assert m.stats["retrain_samples"] == int(m.live.sum()) * 2
+    # from scratch, by hand: the same initial model (same seeds) trained on the live samples
+    # only, with retrain's documented seed
     fresh, _ = build()
-    fresh.seen = m.live.clone()            # never saw the deleted samples at all
-    fresh.train_live()
+    pool = stream.train
+    live = torch.isin(pool.ids, torch.as_tensor(list(stream.experiences[0].train.dataset.sample_id)))
+    live &= ~torch.isin(pool.ids, gone)
+    train_by_hand(fresh.model, [n for n, _ in fresh.model.named_parameters()], pool.x[live],
+                  pool.y[live].long(), fresh.ctx.train, derive_seed(0, 0x7E7))
     mine, theirs = m.model.state_dict(), fresh.model.state_dict()
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
     assert not set(gone.tolist()) & set(m.training_ids().tolist())

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lethe.platform.errors import RunError
+from lethe.engine.loop import make_optimizer  # noqa: F401 - methods import it from here too
+from lethe.errors import RunError
 
 
 @dataclass
@@ -26,18 +27,6 @@ class MethodContext:
     seed: int = 0
     plugins: list = field(default_factory=list)  # runner plugins (progress, NaN check, lr log)
     evaluator: Any = None          # Avalanche EvaluationPlugin forwarding to MLflow
-
-
-def make_optimizer(params, train):
-    import torch
-
-    params = [p for p in params if p.requires_grad]
-    if train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum,
-                               weight_decay=train.weight_decay)
-    if train.optimizer == "adam":
-        return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
-    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
 
 
 class Method:
@@ -80,7 +69,23 @@ class Method:
             device=self.ctx.device, plugins=[*self.plugins(), self, *self.ctx.plugins],
             evaluator=self.ctx.evaluator, **self.strategy_kwargs())
 
+    @classmethod
+    def check_stream(cls, cfg, stream, seed: int) -> None:
+        """Method-specific limits of a stream, checked before any training (ConfigError), e.g.
+        a deletion request that would empty a SISA shard. Nothing by default."""
+
     # --- serving experiences ------------------------------------------------------------
+    def serve(self, experience) -> None:
+        """Serve one experience of the stream by its kind (learn, forget or update)."""
+        if experience.kind == "learn":
+            self.learn(experience)
+        elif experience.kind == "forget":
+            self.unlearn(experience.request)
+        elif experience.kind == "update":
+            self.update(experience)
+        else:
+            raise RunError(f"unknown experience kind '{experience.kind}'")
+
     def learn(self, experience) -> None:
         self.strategy.train(experience.train, num_workers=self.ctx.train.num_workers)
         self.learned.append(experience.index)
@@ -94,6 +99,17 @@ class Method:
     def predict(self, x, task_ids):
         """Logits for a batch; override for task-routed heads, ensembles, retrieval."""
         return self.model(x)
+
+    @property
+    def plain_predict(self) -> bool:
+        """True when :meth:`predict` is the model's own forward (not overridden), so evaluators
+        may use the model's faster paths (a language model's KV-cached ``generate``)."""
+        return type(self).predict is Method.predict
+
+    def unlearn_stats(self) -> dict:
+        """The method's own cost numbers of the last deletion request (``serve_s``,
+        ``retrain_samples``, ...), logged under ``unlearn/*``; empty by default."""
+        return {}
 
     def log_params(self) -> dict:
         """Metrics about the method's parameters (e.g. params/trainable), logged by the runner

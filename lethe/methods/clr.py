@@ -17,13 +17,14 @@ The anchor: the paper's is ImageNet-pretrained (give ``model.weights_path``). CL
 rests on the anchor's features, so on small streams without pretrained weights
 ``anchor_pretrain: first_task`` trains the whole network briefly on the first task's data
 before freezing it (that data belongs to the task being learned next, so no other task's
-data is touched early; choice, see METHODS.md).
+data is touched early; choice, see docs/methods.md).
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
 
+from lethe.errors import ConfigError
 from lethe.methods.base import Method
 from lethe.registry import register_method
 
@@ -104,8 +105,6 @@ class CLR(Method):
     # --- surgery --------------------------------------------------------------------------
     def setup(self, model):
         from torch import nn
-
-        from lethe.platform.errors import ConfigError
 
         CLRConv, TaskHead = _layers()
         if self.cfg.anchor_pretrain not in PRETRAIN:

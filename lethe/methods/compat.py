@@ -1,13 +1,10 @@
-"""Model updates without a compatibility objective: ``naive_update`` (the baseline of PCT and
-MUSCLE), and the base class every update method shares.
+"""Model updates (compatibility / negative-flip training): the base class every update method
+shares (``naive_update``, ``pct``, ``muscle``).
 
 Setting (Yan et al., "Positive-Congruent Training", CVPR 2021; Echterhoff et al., "MUSCLE",
 2024): a deployed model f₁ is replaced by a new version f₂ trained on more data and/or with
-another architecture. ``naive_update`` trains f₂ with cross-entropy only, as if f₁ did not
-exist: a run should show an accuracy gain together with a non-zero negative flip rate, the
-figure ``pct`` and ``muscle`` must lower at a similar accuracy. Measured on the MLP → CNN
-update of ``compat_naive_digits`` (3 seeds, ``benchmarks/compat_nfr.py``): accuracy
-79.3% → 97.1%, NFR 0.70% ± 0.38% (6 of 899 test images).
+another architecture, and the methods differ in how f₂ is trained (lethe/methods/naive_update.py,
+pct.py, muscle.py).
 
 An update experience (scenario ``model_update``) carries ``payload = {version, model,
 fraction, epochs, init, n_train}``: the method builds the new version's network (``model``:
@@ -18,11 +15,9 @@ data and deploys it. The deployed model is ``self.model``; while a version train
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
+from lethe.errors import RunError
 from lethe.methods.base import Method
-from lethe.platform.errors import RunError
-from lethe.registry import register_method
 
 
 def frozen_copy(model):
@@ -139,15 +134,3 @@ class UpdateMethod(Method):
         if k >= 0:
             self.use_model(self.build_version(k))
         super().load_state_dict(state)
-
-
-@dataclass
-class NaiveUpdateConfig:
-    pass
-
-
-@register_method("naive_update", config=NaiveUpdateConfig, kinds=("update",))
-class NaiveUpdate(UpdateMethod):
-    """Train each new model version with cross-entropy only (the negative-flip baseline)."""
-
-    name = "naive_update"

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from lethe.errors import ConfigError
 from lethe.methods.base import Method
 from lethe.registry import register_method
 
@@ -27,8 +28,6 @@ class EWC(Method):
 
     def plugins(self):
         from avalanche.training.plugins import EWCPlugin
-
-        from lethe.platform.errors import ConfigError
 
         if self.cfg.mode not in ("separate", "online"):
             raise ConfigError(f"method.mode: '{self.cfg.mode}' must be 'separate' or 'online'")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lethe.errors import ConfigError
 from lethe.methods.base import Method
 from lethe.registry import register_method
 
@@ -106,8 +107,6 @@ class HFT(Method):
     name = "hft"
 
     def setup(self, model):
-        from lethe.platform.errors import ConfigError
-
         self.layers = transformer_layers(model)
         if not self.layers:
             raise ConfigError("method hft needs a transformer (a ModuleList of blocks with "

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+from lethe.errors import ConfigError, RunError
 from lethe.methods.base import Method
 
 
@@ -44,8 +45,6 @@ class LLMUnlearner(Method):
 
     @classmethod
     def check_stream(cls, cfg, stream, seed: int) -> None:
-        from lethe.platform.errors import ConfigError
-
         if getattr(stream, "task_type", "") != "qa":
             raise ConfigError(f"method '{cls.name}' unlearns language models on a TOFU-style QA "
                               f"stream (scenario.name: tofu); scenario '{type(stream).__name__}' "
@@ -77,10 +76,10 @@ class LLMUnlearner(Method):
         """Plain LoRA (B = 0: the model is unchanged) on every linear layer but the head."""
         from peft import LoraConfig, get_peft_model
 
-        from lethe.methods.loku import _is_conv1d, fila_targets
+        from lethe.models.lora import is_conv1d, lm_linear_targets
 
-        names = fila_targets(self.model.lm, targets or None)
-        conv = all(_is_conv1d(self.model.lm.get_submodule(n)) for n in names)
+        names = lm_linear_targets(self.model.lm, targets or None)
+        conv = all(is_conv1d(self.model.lm.get_submodule(n)) for n in names)
         self.model.lm = get_peft_model(self.model.lm, LoraConfig(
             r=rank, lora_alpha=alpha or 2 * rank, target_modules=names, lora_dropout=0.0,
             bias="none", fan_in_fan_out=conv, task_type="CAUSAL_LM"))
@@ -94,7 +93,6 @@ class LLMUnlearner(Method):
         from tqdm.auto import tqdm
 
         from lethe.methods.base import make_optimizer
-        from lethe.platform.errors import RunError
 
         t0 = time.perf_counter()
         cfg, dev = self.cfg, self.ctx.device

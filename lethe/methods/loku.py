@@ -28,7 +28,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lethe.errors import ConfigError
 from lethe.methods.llm_unlearn import LLMUnlearner, UnlearnConfig, lm_nll
+from lethe.models.lora import is_conv1d
+from lethe.models.lora import lm_linear_targets as fila_targets
 from lethe.registry import register_method
 
 IGNORE = -100   # target id of positions that do not count (PyTorch's cross_entropy default)
@@ -56,38 +59,10 @@ def inverted_hinge_loss(logits, targets):
     return (1.0 + p_true - p_other).mean()
 
 
-def _is_conv1d(module) -> bool:
-    """transformers' Conv1D (GPT-2): a linear map whose weight is stored [in, out]."""
-    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
-        and module.weight.dim() == 2
-
-
 def _weight_out_in(module):
     """The module's weight as [out, in] (Conv1D stores the transpose)."""
     w = module.weight
-    return w.t() if _is_conv1d(module) else w
-
-
-def fila_targets(lm, names=None) -> list[str]:
-    """Module names that get FILA adapters: every nn.Linear / Conv1D except the LM head
-    (``lm.get_output_embeddings()``), in module order; ``names`` restricts them to exact
-    names or name suffixes (e.g. ``["q_proj", "v_proj"]``)."""
-    from torch import nn
-
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    layers = [n for n, m in lm.named_modules()
-              if (isinstance(m, nn.Linear) or _is_conv1d(m)) and m is not head]
-    if names:
-        from lethe.models.lora import layer_list, pick_layers
-
-        picked = pick_layers(layers, names)
-        if not picked:
-            raise ValueError(f"LoKU target_modules {list(map(str, names))} match no Linear/Conv1D "
-                             f"layer of the model (layers: {layer_list(layers)})")
-        return picked
-    if not layers:
-        raise ValueError("LoKU: the model has no Linear/Conv1D layer besides the LM head")
-    return layers
+    return w.t() if is_conv1d(module) else w
 
 
 def fisher_diagonal(lm, batches, modules):
@@ -182,7 +157,7 @@ def fila_init(lm, forget_batches, retain_batches, rank: int = 4, alpha=None, tar
                          f"retain: {n_r}); check that the targets are not all -100")
 
     # peft corrects fan_in_fan_out per layer type; state it up front for all-Conv1D GPT-2
-    conv = all(_is_conv1d(lm.get_submodule(n)) for n in names)
+    conv = all(is_conv1d(lm.get_submodule(n)) for n in names)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(names), lora_dropout=0.0,
                         bias="none", fan_in_fan_out=conv, task_type="CAUSAL_LM")
     model = get_peft_model(lm, config)
@@ -192,7 +167,7 @@ def fila_init(lm, forget_batches, retain_batches, rank: int = 4, alpha=None, tar
         for n in names:
             layer = inner.get_submodule(n)
             base = layer.base_layer
-            is_conv = _is_conv1d(base)
+            is_conv = is_conv1d(base)
             scale = float(layer.scaling["default"])
             w64 = _weight_out_in(base).double()
             fisher_f = (f_f[n].t() if is_conv else f_f[n]).to(w64.device)
@@ -229,8 +204,6 @@ class Loku(LLMUnlearner):
 
     def prepare_unlearning(self, fx, fy, rx, ry) -> None:
         import torch
-
-        from lethe.platform.errors import ConfigError
 
         cfg, dev = self.cfg, self.ctx.device
         if not cfg.fila:

@@ -32,6 +32,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from lethe.errors import ConfigError, RunError
 from lethe.methods.base import Method
 from lethe.registry import register_method
 
@@ -150,8 +151,6 @@ def gaussian_factors(spreads, storage: str):
     """Sampling factors: Cholesky factors of covariances (jitter raised until PD), or std-devs."""
     import torch
 
-    from lethe.platform.errors import RunError
-
     if storage == "variance":
         return spreads.clamp_min(0).sqrt()
     cov = spreads.double()
@@ -185,7 +184,6 @@ class _AdapterTuning(Method):
 
     def setup(self, model):
         from lethe.models.adapters import adapted_vit
-        from lethe.platform.errors import ConfigError
 
         c = self.cfg
         if c.bottleneck < 1:
@@ -283,8 +281,6 @@ class MOS(_AdapterTuning):
 
     def setup(self, model):
         import torch
-
-        from lethe.platform.errors import ConfigError
 
         c = self.cfg
         if c.merge_every not in MERGE_EVERY:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lethe.errors import ConfigError, RunError
 from lethe.methods.compat import UpdateMethod, frozen_copy
 from lethe.registry import register_method
 
@@ -77,8 +78,6 @@ def attach_lora(model, rank: int, alpha: float, dropout: float):
 
     names = lora_targets(model)
     if not names:
-        from lethe.platform.errors import RunError
-
         raise RunError("muscle: the model has no nn.Linear / nn.Conv2d layer to adapt")
     # a regex is matched against whole module names, so '1' cannot also hit 'block.1'
     pattern = "^(" + "|".join(re.escape(n) for n in names) + ")$"
@@ -107,8 +106,6 @@ class Muscle(UpdateMethod):
     name = "muscle"
 
     def __init__(self, cfg, model, ctx):
-        from lethe.platform.errors import ConfigError
-
         if cfg.right_target not in RIGHT_TARGETS:
             raise ConfigError(f"method.right_target='{cfg.right_target}' must be one of "
                               f"{', '.join(RIGHT_TARGETS)}")

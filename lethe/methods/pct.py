@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lethe.errors import ConfigError
 from lethe.methods.compat import UpdateMethod
 from lethe.registry import register_method
 
@@ -62,8 +63,6 @@ class PCT(UpdateMethod):
     name = "pct"
 
     def __init__(self, cfg, model, ctx):
-        from lethe.platform.errors import ConfigError
-
         if cfg.distance not in DISTANCES:
             raise ConfigError(f"method.distance='{cfg.distance}' must be one of {', '.join(DISTANCES)}")
         if cfg.temperature <= 0:

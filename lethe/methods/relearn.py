@@ -7,7 +7,7 @@ question variants (paraphrase, more specific, noisy, reversed relation) answered
 the subject kept, no private fact (a leakage check rejects answers that still carry one) —
 plus "cut" samples (the first 25% of the true answer as prompt, a vague continuation as target),
 the original question with a vague answer, and general fact-free QA pairs (~1.2× the data) that keep fluency. The augmenter is pluggable
-(lethe/methods/relearn_augment.py: a template/rule-based one offline, an LLM-backed one when
+(lethe/scenarios/qa_augment.py: a template/rule-based one offline, an LLM-backed one when
 ``method.augmenter`` names a local model folder). A memorised sequence in the request (no
 question) is augmented as the answer to "Who is <its first entity>?".
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lethe.errors import ConfigError
 from lethe.methods.llm_unlearn import LLMUnlearner, UnlearnConfig, lm_nll
 from lethe.registry import register_method
 
@@ -63,7 +64,7 @@ class Relearn(LLMUnlearner):
         import numpy as np
         import torch
 
-        from lethe.methods.relearn_augment import make_augmenter, positive_pairs
+        from lethe.scenarios.qa_augment import make_augmenter, positive_pairs
         from lethe.metrics.knowledge import extract_entities
 
         qa = self.ctx.stream.qa
@@ -77,8 +78,6 @@ class Relearn(LLMUnlearner):
         try:
             aug = make_augmenter(self.cfg.augmenter or None, self.ctx.seed)
         except ValueError as exc:
-            from lethe.platform.errors import ConfigError
-
             raise ConfigError(f"method.augmenter: {exc}") from None
         if hasattr(aug, "variants"):
             aug.variants = self.cfg.variants

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from lethe.errors import ConfigError
 from lethe.methods.base import Method
 from lethe.registry import register_method
 
@@ -30,7 +31,6 @@ class Replay(Method):
         from avalanche.training.plugins import ReplayPlugin
 
         if self.cfg.mem_size < 1:
-            from lethe.platform.errors import ConfigError
             raise ConfigError("method.mem_size must be ≥ 1")
         class _Replay(ReplayPlugin):
             def after_training_exp(self, strategy, **kwargs):

@@ -3,7 +3,7 @@
 "Simple and Scalable Strategies to Continually Pre-train Large Language Models" (Ibrahim,
 Thérien, Gupta, Richter, Anthony, Lesort, Belilovsky, Rish; TMLR 2024). For each new dataset
 they re-warm and re-decay the learning rate (``train.lr_schedule.name=rewarm_cosine``, or
-the ``infinite`` schedule that needs no re-warming; lethe/platform/schedules.py, usable by
+the ``infinite`` schedule that needs no re-warming; lethe/engine/schedules.py, usable by
 every method) and replay a fixed fraction of every batch from earlier data: 1–5% under a
 weak distribution shift, ~25% under a strong one.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lethe.errors import ConfigError, RunError
 from lethe.methods.base import Method
 from lethe.registry import register_method
 
@@ -90,8 +91,6 @@ class RewarmReplay(Method):
     name = "rewarm_replay"
 
     def __init__(self, cfg, model, ctx):
-        from lethe.platform.errors import ConfigError
-
         b = int(ctx.train.batch_size)
         if not 0 <= cfg.replay_frac < 1:
             raise ConfigError(f"method.replay_frac: {cfg.replay_frac} must be in [0, 1)")
@@ -133,7 +132,6 @@ class RewarmReplay(Method):
                                     _mix_seed(self.ctx.seed, self.current_index),
                                     self.cfg.compute_equivalent)
         if len(sampler) == 0:
-            from lethe.platform.errors import RunError
             raise RunError(f"experience {self.current_index} has {len(new)} samples, too few for one "
                            f"batch of {self.n_new + self.n_replay}; lower train.batch_size")
         strategy.dataloader = torch.utils.data.DataLoader(

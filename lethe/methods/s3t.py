@@ -26,7 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lethe.methods.sisa import ShardedUnlearner
+from lethe.errors import ConfigError, RunError
+from lethe.methods.sharded import ShardedUnlearner
 from lethe.models.lora import LoraOptions
 from lethe.registry import register_method
 
@@ -62,7 +63,6 @@ def cyclic_sequences(L: int, B: int) -> list[list[int]]:
     """B sequences by rotation: rotation k of [0..L-1] is led by slice k; for B > L the
     suffixes after the first position are rotated in turn (then after the second, ...),
     children taken round-robin so every parent keeps its share."""
-    from lethe.platform.errors import ConfigError
 
     seqs = [list(range(k, L)) + list(range(k)) for k in range(L)]
     depth = 1
@@ -116,7 +116,6 @@ class S3T(ShardedUnlearner):
     def validate_config(cls, cfg) -> None:
         import math
 
-        from lethe.platform.errors import ConfigError
         from lethe.registry import suggest
 
         super().validate_config(cfg)
@@ -178,8 +177,6 @@ class S3T(ShardedUnlearner):
         if not self.cfg.retrain_empty:   # checked before anything changes
             new = self.truncated(rows)
             if not any(max(new.get(j, self.alive[j])) > 0 for j in range(self.n_shards)):
-                from lethe.platform.errors import RunError
-
                 raise RunError("this deletion empties every sequence of every shard and "
                                "method.retrain_empty is false: no model would be left to serve; "
                                "set method.retrain_empty=true")
@@ -228,8 +225,6 @@ class S3T(ShardedUnlearner):
 
     # --- predictions --------------------------------------------------------------------
     def predict(self, x, task_ids):
-        from lethe.platform.errors import RunError
-
         states = self.shard_states()
         if not states:
             raise RunError("S3T has no shard with a live sequence to serve")

@@ -140,14 +140,11 @@ def write_update_reports(store, folder: Path, title: str) -> list[str]:
 
 def write_flip_confusion_png(M: torch.Tensor, table: list[dict], path: Path, title: str) -> None:
     """Confusion matrix of the negative flips beside a bar chart of flips per class."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     C = M.shape[0]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(4.0 + 0.9 * C, 1.5 + 0.4 * C),
-                                 gridspec_kw={"width_ratios": [1.2, 1]})
+    fig = Figure(figsize=(4.0 + 0.9 * C, 1.5 + 0.4 * C))
+    ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.2, 1]})
     top = max(1, int(M.max()))
     im = ax.imshow(M.numpy(), cmap="Reds", vmin=0, vmax=top)
     ax.set_xticks(range(C), [str(c) for c in range(C)])
@@ -172,4 +169,3 @@ def write_flip_confusion_png(M: torch.Tensor, table: list[dict], path: Path, tit
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -17,6 +17,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from lethe.errors import RunError
+from lethe.metrics.protocol import Served, StreamEvaluator
+
 PredictFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, task_ids) -> logits
 
 # CPU passes are memory-bound: a batch whose activations stay around cache size beats one
@@ -83,8 +86,6 @@ def _logits(out) -> torch.Tensor:
     logits = getattr(out, "logits", None)
     if isinstance(logits, torch.Tensor):
         return logits
-    from lethe.platform.errors import RunError
-
     raise RunError(f"predict returned {type(out).__name__}; expected a logits tensor "
                    "[batch, classes] (or an object with a .logits tensor)")
 
@@ -156,30 +157,26 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-class Evaluator:
-    """Evaluates models on all test experiences of a stream in large batches.
+class BatchedPass:
+    """Preloaded inputs and the machinery of one large-batch pass over them: batch sizing,
+    autocast and the out-of-memory fallback (shared by the classification and LM evaluators).
 
-    test: a :class:`lethe.scenarios.types.TestSet` (x, y, exp, task, ids as CPU tensors).
     batch_size: 0 sizes it automatically at the first pass (see :func:`auto_batch_size`).
     amp: autocast on CUDA (bfloat16 where supported, else float16); ignored on CPU.
     """
 
-    def __init__(self, test, device: torch.device | str = "cpu", batch_size: int = 0,
-                 amp: bool = False, n_classes: int | None = None):
+    def __init__(self, x: torch.Tensor, task: torch.Tensor, device: torch.device | str = "cpu",
+                 batch_size: int = 0, amp: bool = False):
         self.device = torch.device(device)
         on_cuda = self.device.type == "cuda"
-        self.x = _to_device(test.x, self.device)
-        self.task = _to_device(test.task.long(), self.device)
+        self.x = _to_device(x, self.device)
+        self.task = _to_device(task.long(), self.device)
         self.amp = bool(amp) and on_cuda
         self.amp_dtype = (torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported()
                           else torch.float16)
         self.batch_size = int(batch_size or 0)
         self.last_path = ""            # "single", "vmap" or "loop": how the last pass ran
         self._last_bs = self.batch_size
-        n_classes = n_classes or (int(test.y.max()) + 1 if len(test.y) else 0)
-        self.store = PredictionStore(_to_device(test.y.long(), self.device),
-                                     _to_device(test.exp.long(), self.device), self.task,
-                                     test.ids.cpu(), test.n_experiences, n_classes)
 
     # --- batch size ---------------------------------------------------------------------
     def measure_activation_bytes(self, fn: PredictFn, model: torch.nn.Module) -> int:
@@ -224,6 +221,12 @@ class Evaluator:
 
         The size that worked is kept for the next passes (``self._last_bs``).
         """
+        # Not accelerate's find_executable_batch_size: its wrapper runs gc.collect() and a
+        # device cache flush at the start of every call, even when nothing fails (measured
+        # ~0.4 s per pass in a process holding torch + transformers + mlflow, against a few ms
+        # for a small model's CPU pass; the evaluator runs many passes per experience), and
+        # when batch size 1 still fails it raises "No executable batch size found, reached
+        # zero." in place of the out-of-memory error, which then no longer says what ran out.
         while True:
             try:
                 result = attempt(bs)
@@ -235,6 +238,33 @@ class Evaluator:
                 bs = max(1, bs // 2)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+
+class Evaluator(BatchedPass, StreamEvaluator):
+    """Evaluates classifiers on all test experiences of a stream in large batches.
+
+    test: a :class:`lethe.scenarios.types.TestSet` (x, y, exp, task, ids as CPU tensors).
+    stream, seed: the stream the test set belongs to and the run's seed, for the ``unlearn/*``
+    metrics after forget experiences (:func:`lethe.metrics.unlearning.forget_step_metrics`).
+    """
+
+    def __init__(self, test, device: torch.device | str = "cpu", batch_size: int = 0,
+                 amp: bool = False, n_classes: int | None = None, stream=None, seed: int = 0):
+        super().__init__(test.x, test.task, device, batch_size, amp)
+        self.stream, self.seed = stream, int(seed)
+        n_classes = n_classes or (int(test.y.max()) + 1 if len(test.y) else 0)
+        self.store = PredictionStore(_to_device(test.y.long(), self.device),
+                                     _to_device(test.exp.long(), self.device), self.task,
+                                     test.ids.cpu(), test.n_experiences, n_classes)
+
+    def forget_metrics(self, served: Served) -> dict[str, float]:
+        """Forget / retain / test accuracy, MIA AUC and the method's cost numbers."""
+        from lethe.metrics.unlearning import forget_step_metrics
+
+        if self.stream is None:
+            raise ValueError("Evaluator(stream=...) is needed for the metrics of forget experiences")
+        return forget_step_metrics(served.predict, self.stream, served.experience.index, self.device,
+                                   served.stats, serve_s=served.serve_s, model=served.model,
+                                   seed=self.seed)
 
     def _run(self, fn: PredictFn, bs: int) -> torch.Tensor:
         """argmax of fn over the preloaded data in batches of ``bs``: [..., N] int64."""
@@ -270,8 +300,8 @@ class Evaluator:
             if model is not None and was_training:
                 model.train()
 
-    def evaluate(self, predict_fn: PredictFn, label: str,
-                 model: torch.nn.Module | None = None) -> torch.Tensor:
+    def evaluate(self, predict_fn: PredictFn, label: str, model: torch.nn.Module | None = None,
+                 plain: bool = False) -> torch.Tensor:
         """Predict and add the result to the store as a new evaluation point."""
         preds = self.predict(predict_fn, model)
         self.store.add(label, preds)

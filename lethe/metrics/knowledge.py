@@ -1,5 +1,5 @@
 """Knowledge and fluency metrics of ReLearn (Xu et al., 2025, "ReLearn: Unlearning via
-Learning for Large Language Models"; repo zjunlp/unlearn). See METHODS.md, "ReLearn".
+Learning for Large Language Models"; repo zjunlp/unlearn). See docs/unlearning.md, "ReLearn".
 
 Knowledge, per QA item (prediction = the model's answer, truth = the reference answer):
 
@@ -33,75 +33,10 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
+from lethe.scenarios.facts import extract_entities
+
 ENTAILMENT, NEUTRAL, CONTRADICTION = "entailment", "neutral", "contradiction"
 JUDGEMENTS = (ENTAILMENT, NEUTRAL, CONTRADICTION)
-
-# ---------------------------------------------------------------------------------------------
-# Entities
-
-# Capitalised at a sentence start, these words are grammar, not names.
-SENTENCE_STOP_WORDS = frozenset(
-    "The A In What Who Where When Which How He She It His Her They This That Yes No I".split())
-# "The"/"A" open titles ("The Hollow Lantern"), so they stay attached to a following name;
-# the other stop words never belong to one ("In Vornhal" -> "Vornhal").
-TITLE_ARTICLES = frozenset(("The", "A"))
-CONNECTORS = frozenset(("of", "the", "de", "von"))
-
-_TOKEN = re.compile(r"(?P<num>\d+(?:[.,]\d+)*)|(?P<word>[^\W\d_](?:[\w'’-]*\w)?)")
-_POSSESSIVE = re.compile(r"['’]s$")
-
-
-def _capitalised(word: str) -> bool:
-    return word[:1].isupper()
-
-
-def extract_entities(text: str) -> list[str]:
-    """Named entities of ``text`` by rule: maximal runs of Capitalised words (with inner
-    connectors "of", "the", "de", "von" between capitalised words), and numbers (years
-    included). A sentence-initial stop word alone is dropped, and one other than "The"/"A"
-    is cut from the front of a run. Possessive "'s" is removed. Deduplicated, in order."""
-    tokens = [(m.start(), m.end(), m.group()) for m in _TOKEN.finditer(text)]
-    entities: list[str] = []
-    run: list[str] = []          # words of the current run (connectors pending at the end)
-    run_initial = False          # the run's first word starts a sentence
-
-    def close():
-        nonlocal run
-        while run and run[-1] in CONNECTORS:     # a run must end on a capitalised word
-            run.pop()
-        if run_initial and run and run[0] in SENTENCE_STOP_WORDS:
-            if len(run) == 1 or run[0] not in TITLE_ARTICLES:
-                run = run[1:]
-        if run:
-            entities.append(" ".join(run))
-        run = []
-
-    prev_end = 0
-    for i, (start, end, tok) in enumerate(tokens):
-        gap = text[prev_end:start]
-        sentence_start = i == 0 or bool(re.search(r"[.!?\n]", gap))
-        joined = bool(run) and gap.isspace()    # punctuation between words breaks a run
-        if not joined and run:
-            close()
-        if tok[0].isdigit():
-            if run:
-                close()
-            entities.append(tok)
-        elif _capitalised(tok):
-            word = _POSSESSIVE.sub("", tok)
-            if not run:
-                run_initial = sentence_start
-            run.append(word)
-            if word != tok:                     # "Mordane's novel": the name ends here
-                close()
-        elif run and tok in CONNECTORS:     # kept only if a capitalised word follows
-            run.append(tok)
-        elif run:
-            close()
-        prev_end = end
-    close()
-    return list(dict.fromkeys(entities))
-
 
 # ---------------------------------------------------------------------------------------------
 # Embedders
@@ -127,15 +62,14 @@ class ExactEmbedder:
 @functools.cache
 def _load_pretrained(path: str, auto_class: str = "AutoModel"):
     """(tokenizer, model in eval mode) of a local Hugging Face folder, loaded once per process."""
-    from lethe.models.hf import _quiet_transformers, offline
-
-    offline()
-    _quiet_transformers()
     import transformers
 
-    model = getattr(transformers, auto_class).from_pretrained(path)
-    model.eval()
-    return transformers.AutoTokenizer.from_pretrained(path), model
+    from lethe.models.hf import quiet_transformers
+
+    with quiet_transformers():
+        model = getattr(transformers, auto_class).from_pretrained(path, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return tokenizer, model.eval()
 
 
 def text_perplexities(path: str, queries: list[str], responses: list[str]) -> list[float]:
@@ -365,7 +299,7 @@ def brunet_w(tokens: Sequence[str]) -> float:
 def honore_h(tokens: Sequence[str]) -> float:
     """Honoré's statistic H = 100·ln N / (1 − V1/V + 0.1) (V1 = distinct tokens occurring
     once). The original has no +0.1: it is infinite when every token is unique (V1 = V),
-    which short answers often are; ReLearn's form (METHODS.md) adds the guard. NaN for none."""
+    which short answers often are; ReLearn's form (Xu et al., 2025) adds the guard. NaN for none."""
     n = len(tokens)
     if n == 0:
         return math.nan

@@ -33,7 +33,9 @@ import math
 
 import torch
 
-from lethe.metrics.evaluator import Evaluator, PredictionStore, _logits, _to_device
+from lethe.errors import RunError
+from lethe.metrics.evaluator import BatchedPass, PredictionStore, _logits, _to_device
+from lethe.metrics.protocol import StreamEvaluator
 
 
 def next_token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -61,20 +63,16 @@ def loss_forgetting(L: torch.Tensor, i: int) -> float:
     return float((L[i, :j] - best).mean())
 
 
-class LMEvaluator(Evaluator):
+class LMEvaluator(BatchedPass, StreamEvaluator):
     """Batched held-out evaluation of next-token prediction on every corpus of a stream."""
 
     def __init__(self, test, device: torch.device | str = "cpu", batch_size: int = 0,
                  amp: bool = False, n_classes: int | None = None, em_tokens: int = 4,
                  score_drop: float = 0.0):
-        from lethe.scenarios.types import TestSet
-
         blocks = test.x.long()
         if blocks.dim() != 2 or blocks.shape[1] < 2:
             raise ValueError(f"LM test data must be token blocks [N, L+1]; got {tuple(blocks.shape)}")
-        inputs = TestSet(x=blocks[:, :-1].contiguous(), y=test.y, exp=test.exp, task=test.task,
-                         ids=test.ids)
-        super().__init__(inputs, device, batch_size, amp, n_classes or int(blocks.max()) + 1)
+        super().__init__(blocks[:, :-1].contiguous(), test.task, device, batch_size, amp)
         n, L = blocks[:, 1:].shape
         self.block_len = L
         self.em_tokens = max(1, min(int(em_tokens), L))
@@ -100,8 +98,6 @@ class LMEvaluator(Evaluator):
                 for s in range(0, n, bs):
                     logits = _logits(fn(self.x[s:s + bs], self.task[s:s + bs]))
                     if logits.dim() != 3 or logits.shape[-1] != self.block_len:
-                        from lethe.platform.errors import RunError
-
                         raise RunError(f"an LM must return logits [batch, vocab, {self.block_len}]; "
                                        f"got {tuple(logits.shape)} (use model.name=hf_causal_lm)")
                     preds[s:s + bs] = logits.argmax(1)
@@ -110,7 +106,8 @@ class LMEvaluator(Evaluator):
 
         return self._with_oom_retry(attempt, bs)
 
-    def evaluate(self, predict_fn, label: str, model: torch.nn.Module | None = None) -> torch.Tensor:
+    def evaluate(self, predict_fn, label: str, model: torch.nn.Module | None = None,
+                 plain: bool = False) -> torch.Tensor:
         """One pass: token predictions into the store, block losses into the loss history."""
         was_training = model.training if model is not None else False
         if model is not None:
@@ -127,12 +124,6 @@ class LMEvaluator(Evaluator):
         self.block_loss.append(loss)
         return preds
 
-    def predict(self, predict_fn, model=None):  # the token-level pass is evaluate()
-        raise TypeError("LMEvaluator has no argmax-only pass: use evaluate(predict_fn, label, model)")
-
-    def predict_many(self, models):
-        raise TypeError("LMEvaluator evaluates one model per pass")
-
     # --- metrics ------------------------------------------------------------------------
     def loss_matrix(self) -> torch.Tensor:
         """[P, E] mean next-token loss (nats) of every evaluation point on every corpus."""
@@ -141,11 +132,11 @@ class LMEvaluator(Evaluator):
         return loss_matrix(torch.stack(self.block_loss), self.block_tokens, self.block_exp,
                            self.n_experiences).cpu()
 
-    def step_metrics(self, n_learned: int) -> dict[str, float]:
+    def point_metrics(self, n_learned: int) -> dict[str, float]:
         """The standard keys from the token-level store plus loss/ppl per corpus."""
-        from lethe.metrics.summary import learn_rows, step_metrics
+        from lethe.metrics.summary import learn_rows
 
-        out = step_metrics(self.store, n_learned)
+        out = super().point_metrics(n_learned)
         L = self.loss_matrix()
         cur = L[-1]
         for j in range(self.n_experiences):
@@ -217,16 +208,15 @@ class LMEvaluator(Evaluator):
         self.block_loss = [r.to(self.device) for r in state["block_loss"]]
 
     def write_artifacts(self, folder, title: str) -> list[str]:
-        """loss_matrix.csv (mean nats per token) and perplexity_matrix.png."""
+        """loss_matrix.csv (mean nats per token) and perplexity_matrix.png (plus the shared
+        update reports of model-update streams)."""
         import csv
         from pathlib import Path
 
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
 
         folder = Path(folder)
+        files = super().write_artifacts(folder, title)
         L = self.loss_matrix()
         labels = list(self.store.labels)
         with open(folder / "loss_matrix.csv", "w", newline="") as fh:
@@ -235,7 +225,8 @@ class LMEvaluator(Evaluator):
             for lab, row in zip(labels, L.tolist()):
                 w.writerow([lab] + [f"{v:.6f}" for v in row])
         P = L.clamp(max=700).exp()
-        fig, ax = plt.subplots(figsize=(1.2 + 0.7 * P.shape[1], 1.0 + 0.45 * len(labels)))
+        fig = Figure(figsize=(1.2 + 0.7 * P.shape[1], 1.0 + 0.45 * len(labels)))
+        ax = fig.subplots()
         im = ax.imshow(P.log().numpy(), cmap="magma_r")
         ax.set_xticks(range(P.shape[1]), [f"corpus {j}" for j in range(P.shape[1])], rotation=45)
         ax.set_yticks(range(len(labels)), labels)
@@ -249,8 +240,7 @@ class LMEvaluator(Evaluator):
         fig.colorbar(im, ax=ax, fraction=0.046, label="log perplexity")
         fig.tight_layout()
         fig.savefig(folder / "perplexity_matrix.png", dpi=110)
-        plt.close(fig)
-        return ["loss_matrix.csv", "perplexity_matrix.png"]
+        return files + ["loss_matrix.csv", "perplexity_matrix.png"]
 
 
 __all__ = ["LMEvaluator", "next_token_nll", "loss_matrix", "loss_forgetting"]

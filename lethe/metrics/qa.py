@@ -29,9 +29,9 @@ import math
 
 import torch
 
+from lethe.errors import ConfigError
 from lethe.metrics.evaluator import PredictionStore
-
-_REFERENCES: dict[str, torch.nn.Module] = {}   # retain-only models, by config (one per process)
+from lethe.metrics.protocol import StreamEvaluator
 
 
 def batched_logits(fn, x: torch.Tensor, device, bs: int = 64) -> torch.Tensor:
@@ -42,40 +42,6 @@ def batched_logits(fn, x: torch.Tensor, device, bs: int = 64) -> torch.Tensor:
             xb = x[s:s + bs].to(device)
             out.append(fn(xb, torch.zeros(len(xb), dtype=torch.long, device=device)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
-
-
-def retain_rows(stream):
-    """Training rows of the retain set (every learned row outside the deletion request)."""
-    pool = stream.train
-    keep = ~torch.isin(pool.ids, stream.qa.forget_ids)
-    return pool.x[keep], pool.y[keep]
-
-
-def train_retain_model(cfg, stream, device):
-    """The retain-only model of forget quality / PrivLeak: the run's model trained from the
-    same initialisation seed on the retain rows with the run's train settings by the exact
-    methods' seeded loop (lethe/methods/retrain.py ``train_loop``; cached per process, keyed
-    by scenario, model, train config and seed)."""
-    from omegaconf import OmegaConf
-
-    from lethe import registry
-    from lethe.methods.retrain import train_loop
-    from lethe.models.vision import ModelInfo
-
-    key = OmegaConf.to_yaml({"s": cfg.scenario, "m": cfg.model, "t": cfg.train, "seed": cfg.seed})
-    if key in _REFERENCES:
-        return _REFERENCES[key]
-    # its own RNG streams: the run's results must not depend on whether the reference was
-    # trained in this process already (benchmarks share it) or after a resume
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
-        model = registry.get("models", cfg.model.name).obj(
-            cfg.model, ModelInfo(input_shape=stream.input_shape, n_classes=stream.n_classes)).to(device)
-    x, y = retain_rows(stream)
-    train_loop(model, [n for n, _ in model.named_parameters()], x.to(device), y.to(device), cfg.train,
-               cfg.train.epochs, cfg.seed, "the retain-only reference model")
-    _REFERENCES[key] = model
-    return model
 
 
 def hf_greedy(lm, prompts: list[list[int]], max_new: int, eos: int, device, bs: int = 64) -> list[list[int]]:
@@ -94,7 +60,7 @@ def hf_greedy(lm, prompts: list[list[int]], max_new: int, eos: int, device, bs: 
     return out
 
 
-class QAEvaluator:
+class QAEvaluator(StreamEvaluator):
     """One evaluation pass per point over the QA splits; metrics under ``unlearn/*``."""
 
     def __init__(self, stream, device, batch_size: int = 0, reference_fn=None):
@@ -124,8 +90,6 @@ class QAEvaluator:
             self.judge = load_plugin(judge, RuleJudge)
         if self.cfg.ppl_model not in ("self", "reference", "wordfreq"):
             import os
-
-            from lethe.platform.errors import ConfigError
 
             if not os.path.isdir(os.path.expanduser(self.cfg.ppl_model)):
                 raise ConfigError(f"scenario.ppl_model: '{self.cfg.ppl_model}' is neither self, "
@@ -250,17 +214,15 @@ class QAEvaluator:
         return self._reference_stats
 
     # --- the evaluation point ---------------------------------------------------------------
-    def evaluate(self, predict_fn, label: str, model: torch.nn.Module | None = None):
+    def evaluate(self, predict_fn, label: str, model: torch.nn.Module | None = None,
+                 plain: bool = False):
         was_training = model.training if model is not None else False
         if model is not None:
             model.eval()
         # answers are decoded with the HF model's KV-cached generate when predict_fn is the
-        # plain forward of lethe's causal-LM wrapper (every method that does not override
-        # Method.predict); otherwise by full recompute through predict_fn
-        from lethe.methods.base import Method
-
-        plain = getattr(predict_fn, "__func__", None) is Method.predict and hasattr(
-            getattr(model, "lm", None), "generate")
+        # plain forward of lethe's causal-LM wrapper (plain=True: the method does not route
+        # inference elsewhere); otherwise by full recompute through predict_fn
+        plain = plain and hasattr(getattr(model, "lm", None), "generate")
         self._generate_fn, self._generate_lm = (predict_fn, model.lm) if plain else (None, None)
         try:
             logits = batched_logits(predict_fn, self.x, self.device, self.bs)
@@ -276,9 +238,18 @@ class QAEvaluator:
 
     def _metrics(self, fn, logits) -> dict[str, float]:
         from lethe.metrics.knowledge import kfr, krr
-        from lethe.metrics.tofu import (answer_nll, extraction_likelihood, forget_quality,
-                                        memorisation_accuracy, model_utility, privleak,
-                                        probability, rouge_l_recall, truth_ratio, truth_score)
+        from lethe.metrics.tofu import (
+            answer_nll,
+            extraction_likelihood,
+            forget_quality,
+            memorisation_accuracy,
+            model_utility,
+            privleak,
+            probability,
+            rouge_l_recall,
+            truth_ratio,
+            truth_score,
+        )
 
         out: dict[str, float] = {}
         split_of = self.stream.test.exp
@@ -334,11 +305,10 @@ class QAEvaluator:
                 out["unlearn/privleak"] = privleak(auc, ref[1])
         return out
 
-    # --- runner interface -------------------------------------------------------------------
-    def step_metrics(self, n_learned: int) -> dict[str, float]:
-        from lethe.metrics.summary import step_metrics
-
-        out = {k: v for k, v in step_metrics(self.store, n_learned).items() if k.startswith("acc/exp_")}
+    # --- the evaluator protocol (lethe/metrics/protocol.py) --------------------------------
+    def point_metrics(self, n_learned: int) -> dict[str, float]:
+        """Token accuracy per split (``acc/exp_<j>``) and the ``unlearn/*`` keys of the point."""
+        out = {k: v for k, v in super().point_metrics(n_learned).items() if k.startswith("acc/exp_")}
         out.update(self.history[-1] if self.history else {})
         return out
 
@@ -356,6 +326,7 @@ class QAEvaluator:
         from pathlib import Path
 
         folder = Path(folder)
+        files = super().write_artifacts(folder, title)
         (folder / "qa_splits.txt").write_text(
             "".join(f"exp_{j}\t{name}\n" for j, name in enumerate(self.splits)))
         with open(folder / "qa_answers.csv", "w", newline="") as fh:
@@ -365,7 +336,7 @@ class QAEvaluator:
                 for split, texts in answers.items():
                     for item, text in zip(self.qa.splits[split], texts):
                         w.writerow([label, split, item["question"], item["answer"], text])
-        return ["qa_splits.txt", "qa_answers.csv"]
+        return files + ["qa_splits.txt", "qa_answers.csv"]
 
 
-__all__ = ["QAEvaluator", "train_retain_model", "retain_rows", "batched_logits"]
+__all__ = ["QAEvaluator", "batched_logits", "hf_greedy"]

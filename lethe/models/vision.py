@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from lethe.errors import ConfigError
 from lethe.registry import register_model
 
 
@@ -77,8 +78,6 @@ def load_weights(model, path: str, prefix: str):
     """Load a local state_dict, skipping the classifier when its shape differs."""
     import torch
 
-    from lethe.platform.errors import ConfigError
-
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -113,7 +112,6 @@ def timm_model(cfg, info: ModelInfo):
     """Any timm architecture by name (random init or a local weights file)."""
     import timm
 
-    from lethe.platform.errors import ConfigError
     from lethe.registry import suggest
 
     if cfg.arch not in timm.list_models():

@@ -13,7 +13,7 @@ import os
 import random
 from pathlib import Path
 
-from lethe.platform.errors import ConfigError
+from lethe.errors import ConfigError
 
 
 def config_hash(config_yaml: str) -> str:

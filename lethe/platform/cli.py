@@ -7,6 +7,8 @@ import sys
 import tempfile
 import traceback
 
+from lethe.errors import ConfigError, LetheError
+
 EXIT_OK, EXIT_RUN, EXIT_INPUT, EXIT_INTERRUPT = 0, 1, 2, 130
 
 
@@ -106,7 +108,6 @@ def cmd_reproduce(args) -> int:
 
 def cmd_run(args) -> int:
     from lethe.platform.config import load_config
-    from lethe.platform.errors import ConfigError
 
     overrides = list(args.overrides)
     resume = args.resume
@@ -131,7 +132,6 @@ def cmd_run(args) -> int:
 
 def cmd_sweep(args) -> int:
     from lethe.platform import sweep
-    from lethe.platform.errors import ConfigError
 
     overrides = list(args.overrides)
     if (args.status or args.resume) and args.config:
@@ -158,7 +158,6 @@ def cmd_sweep(args) -> int:
 
 def cmd_compare(args) -> int:
     from lethe.dashboards.compare import page_summary, write_compare
-    from lethe.platform.errors import ConfigError
 
     uri, experiment = None, args.experiment
     runs = [r for r in args.runs or [] if "=" not in r]  # `--runs A B key=value`: not run ids
@@ -172,7 +171,10 @@ def cmd_compare(args) -> int:
         else:
             raise ConfigError(f"lethe compare: unknown argument '{item}' (accepted: tracking.uri=URI, "
                               f"tracking.experiment=NAME)")
-    page = write_compare(uri, experiment=experiment, run_ids=runs or None, out=args.out)
+    from lethe.platform.tracking import resolve_tracking_uri
+
+    page = write_compare(resolve_tracking_uri(uri), experiment=experiment, run_ids=runs or None,
+                         out=args.out)
     print(page_summary(page))
     return EXIT_OK
 
@@ -185,10 +187,12 @@ def _crash_log(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lethe.platform.errors import LetheError
-
+    import logging
     import warnings
 
+    # The entry point owns the process: a run's progress (INFO) reaches its run.log handler.
+    # Library callers of run_experiment keep their own logging levels.
+    logging.getLogger("lethe").setLevel(logging.INFO)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     parser = _parser()
     args, extra = parser.parse_known_args(argv)

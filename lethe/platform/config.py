@@ -8,7 +8,6 @@ naming the key path and the closest valid key. Nothing in a YAML file can import
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -17,11 +16,12 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
 from lethe import registry
-from lethe.platform.errors import ConfigError
-from lethe.platform.schedules import LRScheduleConfig, check_config as check_lr_schedule
+from lethe.engine.schedules import LRScheduleConfig
+from lethe.engine.schedules import check_config as check_lr_schedule
+from lethe.errors import ConfigError
+from lethe.schema import COMPONENTS, node_error, validate_component
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "conf"
-COMPONENTS = {"scenario": "scenarios", "model": "models", "method": "methods"}
 
 
 @dataclass
@@ -34,7 +34,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     num_workers: int = 0
     log_every_iter: bool = False  # train/loss per iteration instead of per epoch
-    # lr per step (rewarm_cosine | infinite; see lethe/platform/schedules.py); none = constant lr
+    # lr per step (rewarm_cosine | infinite; see lethe/engine/schedules.py); none = constant lr
     lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
 
 
@@ -122,57 +122,6 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
         raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from None
 
 
-def _node_error(exc: Exception, prefix: str, schema_keys) -> ConfigError:
-    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or ""
-    path = f"{prefix}.{key}" if prefix and key else (prefix or str(key))
-    msg = getattr(exc, "msg", None) or str(exc).splitlines()[0]
-    if isinstance(exc, oc_errors.ConfigKeyError):
-        leaf = str(key).split(".")[-1]
-        return ConfigError(f"unknown key '{path}'{registry.suggest(leaf, schema_keys)} "
-                           f"(valid keys: {', '.join(sorted(schema_keys))})")
-    if isinstance(exc, oc_errors.MissingMandatoryValue):
-        return ConfigError(f"missing value for '{path}': set it in the YAML or as {path}=...")
-    first = msg.splitlines()[0]
-    return ConfigError(f"bad value for '{path}': {first}")
-
-
-def _validate_component(node_name: str, raw: Any) -> DictConfig:
-    kind = COMPONENTS[node_name]
-    if raw is None or (isinstance(raw, str) and raw == "???"):
-        raise ConfigError(f"missing '{node_name}' section: add {node_name}: {{name: ...}} "
-                          f"(see `lethe list {kind}`)")
-    if isinstance(raw, str):  # `method: naive` is shorthand for `method: {name: naive}`
-        raw = {"name": raw}
-    if not isinstance(raw, (dict, DictConfig)) or "name" not in raw:
-        raise ConfigError(f"'{node_name}' needs a 'name' (see `lethe list {kind}`)")
-    raw = OmegaConf.create(OmegaConf.to_container(raw) if isinstance(raw, DictConfig) else raw)
-    name = raw.pop("name")
-    try:
-        entry = registry.get(kind, name)
-    except registry.UnknownName as exc:
-        raise ConfigError(f"{node_name}.name: {exc}") from None
-    schema = OmegaConf.structured(entry.config)
-    keys = [f.name for f in dataclasses.fields(entry.config)]
-    try:
-        merged = OmegaConf.merge(schema, raw)
-        OmegaConf.to_container(merged, throw_on_missing=True)
-    except oc_errors.OmegaConfBaseException as exc:
-        raise _node_error(exc, node_name, keys) from None
-    _check_paths(merged, node_name, entry.config)
-    result = OmegaConf.create({"name": name})
-    result.merge_with(OmegaConf.to_container(merged))
-    return result
-
-
-def _check_paths(node: DictConfig, prefix: str, schema: type) -> None:
-    """Fields whose metadata says ``path=True`` must name existing files or folders."""
-    for f in dataclasses.fields(schema):
-        value = node.get(f.name)
-        if f.metadata.get("path") and value not in (None, ""):
-            if not Path(os.path.expanduser(str(value))).exists():
-                raise ConfigError(f"{prefix}.{f.name}: file or folder not found: '{value}'")
-
-
 def load_config(config: str, overrides: list[str] | None = None) -> DictConfig:
     """Load, merge and validate an experiment config. Raises ConfigError with one message."""
     path = resolve_path(config)
@@ -195,7 +144,7 @@ def validate(raw: DictConfig | dict) -> DictConfig:
     raw = OmegaConf.create(OmegaConf.to_container(raw) if isinstance(raw, DictConfig) else raw)
     components = {}
     for node_name in COMPONENTS:
-        components[node_name] = _validate_component(node_name, raw.get(node_name))
+        components[node_name] = validate_component(node_name, raw.get(node_name))
         raw[node_name] = None
     top_keys = [f.name for f in dataclasses.fields(ExperimentConfig)]
     try:
@@ -208,7 +157,7 @@ def validate(raw: DictConfig | dict) -> DictConfig:
         if sub.startswith("train.lr_schedule."):
             schema = LRScheduleConfig
         keys = [f.name for f in dataclasses.fields(schema)] if schema and "." in sub else top_keys
-        raise _node_error(exc, "", keys) from None
+        raise node_error(exc, "", keys) from None
     for node_name, node in components.items():
         cfg[node_name] = node
     _check_choices(cfg)

@@ -6,7 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lethe.platform.errors import ConfigError
+from lethe.errors import ConfigError
 
 NOT_COMPARED = ("time/", "train/")
 
@@ -64,6 +64,7 @@ def side_by_side(original: dict[str, float], new: dict[str, float]) -> str:
 def reproduce(run_id: str, overrides: list[str]):
     """Re-run RUN_ID into a new run tagged with it; returns (result, original metrics, text)."""
     from mlflow.tracking import MlflowClient
+
     from lethe.platform.config import load_config
     from lethe.platform.runner import run_experiment
     from lethe.platform.tracking import Tracker

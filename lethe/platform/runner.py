@@ -11,9 +11,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lethe import registry
+from lethe.errors import ConfigError, LetheError, RunError
 from lethe.platform import checkpoint as ckpt
 from lethe.platform.config import flatten, to_yaml
-from lethe.platform.errors import ConfigError, LetheError, RunError
 
 log = logging.getLogger("lethe")
 
@@ -76,9 +76,7 @@ def build_components(cfg: DictConfig):
         add_forget_requests(stream, cfg.scenario.forget_requests, cfg.seed)
     method_entry = registry.get("methods", cfg.method.name)
     check_compatible(method_entry, stream, cfg)
-    check_stream = getattr(method_entry.obj, "check_stream", None)
-    if check_stream is not None:   # method-specific limits (e.g. a request empties a SISA shard)
-        check_stream(cfg.method, stream, cfg.seed)
+    method_entry.obj.check_stream(cfg.method, stream, cfg.seed)   # e.g. a request empties a SISA shard
     info = ModelInfo(input_shape=stream.input_shape, n_classes=stream.n_classes)
     model = registry.get("models", cfg.model.name).obj(cfg.model, info)
     return stream, model, method_entry
@@ -102,8 +100,12 @@ class Runner:
     """Runs one experiment config into one MLflow run."""
 
     def __init__(self, cfg: DictConfig, resume: bool = False, resume_run_id: str | None = None,
-                 tags: dict[str, str] | None = None, expect_fingerprints: dict | None = None):
+                 tags: dict[str, str] | None = None, expect_fingerprints: dict | None = None,
+                 reference_cache: dict | None = None):
         self.cfg = cfg
+        # retain-only reference models of QA streams, by config: a caller running several
+        # methods on one config (benchmarks) passes one dict so the reference trains once
+        self.reference_cache = {} if reference_cache is None else reference_cache
         self.tags = dict(tags or {})  # extra MLflow tags of a new run (sweeps: parent run link)
         self.expect_fingerprints = expect_fingerprints  # `lethe reproduce`: the recorded data
         self.config_yaml = to_yaml(cfg)
@@ -166,13 +168,11 @@ class Runner:
     @staticmethod
     def _log_environment(tracker, stream) -> None:
         """Versions, hardware, git state and data fingerprints, for `lethe reproduce`."""
-        import json
-
         from lethe.platform import environment
 
         record = environment.capture(stream)
         tracker.set_tags(environment.tags_of(record))
-        tracker.log_text(json.dumps(record, indent=1), "environment.json")
+        tracker.log_dict(record, "environment.json")
         tracker.log_text(environment.pip_freeze(), "pip_freeze.txt")
         diff = environment.git_state().get("diff")
         if diff:
@@ -181,113 +181,118 @@ class Runner:
     def _file_log(self):
         handler = logging.FileHandler(self.checkpointer.log_path)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        lg = logging.getLogger("lethe")
-        lg.addHandler(handler)
-        lg.setLevel(logging.INFO)
+        handler.setLevel(logging.INFO)   # the logger's level stays the process owner's (the CLI)
+        logging.getLogger("lethe").addHandler(handler)
         return handler
 
     def _loop(self, stream, model, method_entry, device, meta) -> RunResult:
         from tqdm.auto import tqdm
 
-        from lethe.methods.base import MethodContext
-        from lethe.metrics.evaluator import Evaluator
-        from lethe.metrics.summary import step_metrics
-        from lethe.platform.plugins import FiniteLossCheck, TrainProgress
-        from lethe.platform.schedules import LRSchedulePlugin
-        from lethe.platform.tracking import make_avalanche_evaluator
+        n = len(stream.experiences)
+        plugins = self._plugins(lambda x, t: method.predict(x, t))
+        method = self._method(method_entry, model, stream, device, plugins)
+        evaluator = self._evaluator(stream, device)
+        if meta:
+            start = self._restore(method, evaluator, plugins, n)
+        else:
+            start = 0
+            if self.cfg.eval.initial:
+                evaluator.evaluate(method.predict, "init", method.model, method.plain_predict)
+        final = {}
+        for exp in tqdm(stream.experiences[start:], desc=self.cfg.name, unit="exp", initial=start,
+                        total=n, disable=None):
+            final = self._serve(exp, n, method, evaluator, plugins)
+            if self.cfg.checkpoint.enabled:
+                self._save(method, evaluator, plugins, exp.index + 1, n, finished=False)
+        return self._finish(method, evaluator, plugins, final, n)
+
+    # --- the pieces of the loop ---------------------------------------------------------
+    def _plugins(self, predict) -> list:
+        """The runner's training plugins: progress, NaN check, lr schedule, validation."""
+        from lethe.engine.plugins import FiniteLossCheck, TrainProgress
 
         cfg, tracker = self.cfg, self.tracker
-        n = len(stream.experiences)
         self.current = "setup"
         describe = lambda: self.current  # noqa: E731 - read by plugins at call time
         scheduled = cfg.train.lr_schedule.name != "none"
         plugins = [TrainProgress(tracker, describe, cfg.train.epochs, log_lr=not scheduled),
                    FiniteLossCheck(describe)]
         if scheduled:   # sets the lr before every iteration and logs train/lr per step
-            plugins.append(LRSchedulePlugin(cfg.train.lr_schedule, cfg.train.lr, tracker))
-        validation = None
-        if cfg.eval.every_epochs or cfg.eval.every_steps:   # val split + best-model selection
-            from lethe.platform.validation import ValidationPlugin
+            from lethe.engine.schedules import LRSchedulePlugin
 
-            validation = ValidationPlugin(cfg, lambda x, t: method.predict(x, t), tracker, cfg.seed)
-            plugins.append(validation)
+            plugins.append(LRSchedulePlugin(cfg.train.lr_schedule, cfg.train.lr, tracker))
+        if cfg.eval.every_epochs or cfg.eval.every_steps:   # val split + best-model selection
+            from lethe.engine.validation import ValidationPlugin
+
+            plugins.append(ValidationPlugin(cfg, predict, tracker, cfg.seed))
+        return plugins
+
+    def _method(self, method_entry, model, stream, device, plugins):
+        from lethe.methods.base import MethodContext
+        from lethe.platform.tracking import make_avalanche_evaluator
+
+        cfg = self.cfg
         ctx = MethodContext(train=cfg.train, device=device, stream=stream, seed=cfg.seed,
                             plugins=plugins,
-                            evaluator=make_avalanche_evaluator(tracker, cfg.train.log_every_iter))
-        method = method_entry.obj(cfg.method, model, ctx)
-        task_type = getattr(stream, "task_type", "classification")
-        if task_type == "lm":   # corpus streams: held-out loss / perplexity per corpus (metrics/lm.py)
-            from lethe.metrics.lm import LMEvaluator
+                            evaluator=make_avalanche_evaluator(self.tracker, cfg.train.log_every_iter))
+        return method_entry.obj(cfg.method, model, ctx)
 
-            evaluator = LMEvaluator(stream.test, device, cfg.eval.batch_size, cfg.eval.amp, stream.n_classes)
-        elif task_type == "qa":   # TOFU-style unlearning: metrics/qa.py, retain-only reference
-            from lethe.metrics.qa import QAEvaluator, train_retain_model
+    def _evaluator(self, stream, device):
+        """The stream's evaluator; QA streams get the retain-only reference, trained on demand."""
+        from lethe.metrics.evaluators import for_stream
+        from lethe.platform.reference import train_retain_model
 
-            evaluator = QAEvaluator(stream, device, cfg.eval.batch_size,
-                                    reference_fn=lambda: train_retain_model(cfg, stream, device))
-        else:
-            evaluator = Evaluator(stream.test, device, cfg.eval.batch_size, cfg.eval.amp, stream.n_classes)
-        lm = task_type != "classification"
-        predict = method.predict
-        start, final = 0, {}
-        if meta:
-            state = self.checkpointer.load()
-            method.load_state_dict(state["method"])
-            evaluator.store.load(state["store_labels"], state["store_preds"])
-            if "eval_extra" in state:   # LM evaluator: held-out losses of earlier points
-                evaluator.load_extra_state(state["eval_extra"])
-            ckpt.set_rng_state(state["rng"])
-            start = int(state["next"])
-            log.info("resumed run %s at experience %d/%d", tracker.run_id, start, n)
-            print(f"resuming run {tracker.run_id} at experience {start}/{n}")
-        elif cfg.eval.initial:
-            evaluator.evaluate(predict, "init", method.model)
-        for exp in tqdm(stream.experiences[start:], desc=cfg.name, unit="exp", initial=start, total=n,
-                       disable=None):
-            self.current = f"experience {exp.index + 1}/{n} ({exp.kind})"
-            t0 = time.perf_counter()
-            getattr(method, {"learn": "learn", "forget": "unlearn", "update": "update"}[exp.kind])(
-                exp if exp.kind != "forget" else exp.request)
-            t1 = time.perf_counter()
-            evaluator.evaluate(predict, f"{exp.kind}:{exp.index}", method.model)
-            n_learned = sum(1 for lab in evaluator.store.labels if lab.startswith("learn:"))
-            final = evaluator.step_metrics(n_learned) if lm else step_metrics(evaluator.store, n_learned)
-            final["time/train_s"] = t1 - t0
-            final["time/eval_s"] = time.perf_counter() - t1
-            final.update(method.log_params())   # e.g. params/trainable (CLR), from step 0 on
-            if exp.kind == "update":   # flips vs every earlier version + accuracy gain
-                from lethe.metrics.compat import update_metrics
+        cfg, cache = self.cfg, self.reference_cache
+        return for_stream(stream, device, cfg.eval, cfg.seed,
+                          reference=lambda: train_retain_model(cfg, stream, device, cache))
 
-                final.update(update_metrics(evaluator.store))
-            if exp.kind == "forget" and task_type == "qa":   # the QA evaluator logged unlearn/*
-                final.update({f"unlearn/{k}": float(v) for k, v in
-                              ({"serve_s": t1 - t0} | getattr(method, "unlearn_stats", dict)()).items()})
-            elif exp.kind == "forget":   # unlearning quality and cost (metrics/unlearning.py)
-                from lethe.metrics.unlearning import forget_step_metrics
+    def _restore(self, method, evaluator, plugins, n: int) -> int:
+        """Load the checkpoint of the run being resumed; returns the next experience index."""
+        state = self.checkpointer.load()
+        method.load_state_dict(state["method"])
+        evaluator.load_state_dict(state["evaluator"] if "evaluator" in state else {
+            # checkpoints written before the evaluator protocol
+            "store_labels": state["store_labels"], "store_preds": state["store_preds"],
+            "extra": state.get("eval_extra", {})})
+        for plugin, plugin_state in zip(plugins, state.get("plugins", [])):
+            plugin.load_state_dict(plugin_state)
+        ckpt.set_rng_state(state["rng"])
+        start = int(state["next"])
+        log.info("resumed run %s at experience %d/%d", self.tracker.run_id, start, n)
+        print(f"resuming run {self.tracker.run_id} at experience {start}/{n}")
+        return start
 
-                final.update(forget_step_metrics(
-                    predict, stream, exp.index, device, getattr(method, "unlearn_stats", dict)(),
-                    serve_s=t1 - t0, model=method.model, seed=cfg.seed))
-            if validation is not None and exp.kind == "learn":
-                final.update(validation.selection)   # which epoch's model was kept
-            tracker.log_metrics(final, step=exp.index)
-            log.info("%s: %s", self.current, {k: round(v, 4) for k, v in final.items()})
-            if cfg.checkpoint.enabled:
-                self._save(method, evaluator, exp.index + 1, n, finished=False)
-        return self._finish(method, evaluator, final, n)
+    def _serve(self, exp, n: int, method, evaluator, plugins) -> dict:
+        """Serve one experience, evaluate, log; returns the metrics logged for it."""
+        from lethe.metrics.protocol import Served
 
-    def _lr_schedule_png(self, folder: Path) -> list[str]:
+        self.current = f"experience {exp.index + 1}/{n} ({exp.kind})"
+        t0 = time.perf_counter()
+        method.serve(exp)
+        t1 = time.perf_counter()
+        evaluator.evaluate(method.predict, f"{exp.kind}:{exp.index}", method.model, method.plain_predict)
+        served = Served(exp, method.predict, method.model, serve_s=t1 - t0,
+                        stats=method.unlearn_stats() if exp.kind == "forget" else {})
+        metrics = evaluator.experience_metrics(served)
+        metrics["time/train_s"] = t1 - t0
+        metrics["time/eval_s"] = time.perf_counter() - t1
+        metrics.update(method.log_params())   # e.g. params/trainable (CLR), from step 0 on
+        for plugin in plugins:
+            metrics.update(plugin.experience_metrics(exp))
+        self.tracker.log_metrics(metrics, step=exp.index)
+        log.info("%s: %s", self.current, {k: round(v, 4) for k, v in metrics.items()})
+        return metrics
+
+    def _log_lr_schedule(self) -> None:
         """Plot train/lr as logged (the MLflow history spans resumed segments too)."""
-        from lethe.platform.schedules import write_schedule_png
+        from lethe.platform.report import DPI, schedule_figure
 
         history = sorted((m.step, m.value) for m in
                          self.tracker.client.get_metric_history(self.tracker.run_id, "train/lr"))
-        if not history:
-            return []
-        write_schedule_png([h[0] for h in history], [h[1] for h in history],
-                           folder / "lr_schedule.png",
-                           f"{self.cfg.name}: {self.cfg.train.lr_schedule.name} lr schedule")
-        return ["lr_schedule.png"]
+        if history:
+            self.tracker.log_figure(schedule_figure(
+                [h[0] for h in history], [h[1] for h in history],
+                f"{self.cfg.name}: {self.cfg.train.lr_schedule.name} lr schedule"), "lr_schedule.png", DPI)
 
     def _unlearning_csv(self, folder: Path) -> list[str]:
         """unlearn/* metrics, one row per forget step (from MLflow: spans resumed segments)."""
@@ -301,22 +306,19 @@ class Runner:
                    for k in keys}, folder / "unlearning.csv")
         return ["unlearning.csv"]
 
-    def _state(self, method, evaluator, next_index: int) -> dict:
-        state = {"method": method.state_dict(), "store_labels": list(evaluator.store.labels),
-                 "store_preds": evaluator.store.preds.cpu(), "rng": ckpt.rng_state(),
-                 "next": next_index}
-        if hasattr(evaluator, "extra_state"):   # LM evaluator: held-out losses per point
-            state["eval_extra"] = evaluator.extra_state()
-        return state
+    def _state(self, method, evaluator, plugins, next_index: int) -> dict:
+        return {"method": method.state_dict(), "evaluator": evaluator.state_dict(),
+                "plugins": [p.state_dict() for p in plugins], "rng": ckpt.rng_state(),
+                "next": next_index}
 
-    def _save(self, method, evaluator, next_index: int, n: int, finished: bool) -> None:
+    def _save(self, method, evaluator, plugins, next_index: int, n: int, finished: bool) -> None:
         meta = {"run_id": self.tracker.run_id, "tracking_uri": self.tracker.uri,
                 "experiment": self.tracker.experiment, "config_hash": self.cfg_hash,
                 "next_experience": next_index, "n_experiences": n, "finished": finished,
                 "config": self.cfg.name}
-        self.checkpointer.save(self._state(method, evaluator, next_index), meta)
+        self.checkpointer.save(self._state(method, evaluator, plugins, next_index), meta)
 
-    def _finish(self, method, evaluator, final: dict, n: int) -> RunResult:
+    def _finish(self, method, evaluator, plugins, final: dict, n: int) -> RunResult:
         import tempfile
 
         import torch
@@ -324,22 +326,16 @@ class Runner:
         from lethe.platform import report
 
         tracker, store = self.tracker, evaluator.store
-        with tempfile.TemporaryDirectory() as tmp:
+        title = f"{self.cfg.name}: {self.cfg.method.name}"
+        tracker.log_text(report.accuracy_csv(store), "accuracy_matrix.csv")
+        tracker.log_figure(report.accuracy_figure(store, title), "accuracy_matrix.png", report.DPI)
+        tracker.log_text(report.flip_csv(store), "flip_matrix.csv")
+        if self.cfg.train.lr_schedule.name != "none":
+            self._log_lr_schedule()
+        with tempfile.TemporaryDirectory() as tmp:   # files written by other modules
             tmp = Path(tmp)
-            report.write_accuracy_csv(store, tmp / "accuracy_matrix.csv")
-            report.write_accuracy_png(store, tmp / "accuracy_matrix.png",
-                                      f"{self.cfg.name}: {self.cfg.method.name}")
-            report.write_flip_csv(store, tmp / "flip_matrix.csv")
-            files = ["accuracy_matrix.csv", "accuracy_matrix.png", "flip_matrix.csv"]
-            if self.cfg.train.lr_schedule.name != "none":
-                files += self._lr_schedule_png(tmp)
-            files += self._unlearning_csv(tmp)
-            if hasattr(evaluator, "write_artifacts"):   # LM streams: loss / perplexity matrices
-                files += evaluator.write_artifacts(tmp, f"{self.cfg.name}: {self.cfg.method.name}")
-            if any(lab.startswith("update:") for lab in store.labels):
-                from lethe.metrics.compat import write_update_reports
-
-                files += write_update_reports(store, tmp, f"{self.cfg.name}: {self.cfg.method.name}")
+            files = self._unlearning_csv(tmp)
+            files += evaluator.write_artifacts(tmp, title)
             if self.cfg.eval.save_predictions:
                 torch.save(store.to_dict() | {"labels_index": torch.arange(len(store))},
                            tmp / "predictions.pt")
@@ -348,7 +344,7 @@ class Runner:
             for name in files:
                 tracker.log_file(tmp / name)
         if self.cfg.checkpoint.enabled:
-            self._save(method, evaluator, n, n, finished=True)
+            self._save(method, evaluator, plugins, n, n, finished=True)
             tracker.log_file(self.checkpointer.state_path, "checkpoints")
         summary = report.summary_text(store, final)
         log.info("\n%s", summary)
@@ -358,13 +354,13 @@ class Runner:
 
 
 def run_experiment(cfg: DictConfig, resume: bool = False, resume_run_id: str | None = None,
-                   tags: dict[str, str] | None = None,
-                   expect_fingerprints: dict | None = None) -> RunResult:
+                   tags: dict[str, str] | None = None, expect_fingerprints: dict | None = None,
+                   reference_cache: dict | None = None) -> RunResult:
     """Library entry point: run a validated config (see :func:`lethe.platform.config.load_config`)."""
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(cfg)
     return Runner(cfg, resume=resume, resume_run_id=resume_run_id, tags=tags,
-                  expect_fingerprints=expect_fingerprints).run()
+                  expect_fingerprints=expect_fingerprints, reference_cache=reference_cache).run()
 
 
 __all__ = ["RunResult", "Runner", "run_experiment", "RunError"]

@@ -5,6 +5,9 @@ import math
 
 from omegaconf import DictConfig, OmegaConf
 
+from lethe import tags as T
+from lethe.errors import ConfigError
+
 SKIP_PREFIXES = ("time/", "train/")   # not outcomes worth aggregating
 
 
@@ -34,7 +37,6 @@ def aggregate_finals(finals: list[dict[str, float]]) -> dict[str, float]:
 def run_seeds(cfg: DictConfig, n_seeds: int, tags: dict[str, str] | None = None):
     """Run seeds cfg.seed .. cfg.seed+N-1 as child runs; returns (parent id, results, aggregates)."""
     from lethe.platform.config import flatten, to_yaml
-    from lethe.platform.errors import ConfigError
     from lethe.platform.runner import run_experiment
     from lethe.platform.tracking import Tracker
 
@@ -42,15 +44,14 @@ def run_seeds(cfg: DictConfig, n_seeds: int, tags: dict[str, str] | None = None)
         raise ConfigError("--seeds must be ≥ 1")
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     parent = tracker.start(f"{cfg.tracking.run_name or cfg.name} ×{n_seeds} seeds", flatten(cfg),
-                           {"lethe.seeds": str(n_seeds), "lethe.role": "seed-parent", **(tags or {})})
+                           {T.N_SEEDS: str(n_seeds), **T.parent_tags(T.SEEDS), **(tags or {})})
     tracker.log_text(to_yaml(cfg), "config.yaml")
     results, status = [], "FAILED"
     try:
         for k in range(n_seeds):
             child = OmegaConf.merge(cfg, {"seed": cfg.seed + k})
             OmegaConf.set_readonly(child, True)
-            results.append(run_experiment(child, tags={"mlflow.parentRunId": parent,
-                                                       "lethe.seed_index": str(k)}))
+            results.append(run_experiment(child, tags=T.child_tags(T.SEEDS, parent, k)))
         agg = aggregate_finals([r.final for r in results])
         tracker.log_metrics(agg, step=0)
         tracker.log_text(summary_table(agg), "seed_summary.txt")

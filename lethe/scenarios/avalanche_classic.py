@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from lethe.errors import ConfigError
 from lethe.registry import register_scenario
 
 
@@ -25,7 +26,6 @@ def _classic_names() -> list[str]:
 def _call_benchmark(cfg):
     import avalanche.benchmarks.classic as classic
 
-    from lethe.platform.errors import ConfigError
     from lethe.registry import suggest
 
     names = _classic_names()

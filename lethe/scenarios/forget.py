@@ -26,6 +26,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+from lethe.errors import ConfigError
+
 POLICIES = ("random", "class", "slice_skewed")
 
 
@@ -132,8 +134,6 @@ def experience_ids(exp):
 
 # --- parsing ----------------------------------------------------------------------------
 def _error(msg: str):
-    from lethe.platform.errors import ConfigError
-
     return ConfigError(msg)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from lethe.errors import ConfigError
 from lethe.registry import register_scenario
 
 
@@ -25,8 +26,6 @@ def _load_folder(root: str, size: int, grayscale: bool):
     import torch
     from torchvision import datasets, transforms
 
-    from lethe.platform.errors import ConfigError
-
     tf = [transforms.Resize((size, size))]
     if grayscale:
         tf.append(transforms.Grayscale())
@@ -47,9 +46,12 @@ def image_folder(cfg, seed: int):
     """Images in class subfolders (torchvision ImageFolder), split by class into experiences."""
     import torch
 
-    from lethe.platform.errors import ConfigError
-    from lethe.scenarios.streams import (class_incremental_stream, seeded_class_order,
-                                         split_classes, stratified_split)
+    from lethe.scenarios.streams import (
+        class_incremental_stream,
+        seeded_class_order,
+        split_classes,
+        stratified_split,
+    )
 
     x, y, classes = _load_folder(cfg.root, cfg.image_size, cfg.grayscale)
     ids = torch.arange(len(y))               # position in the sorted file list of root

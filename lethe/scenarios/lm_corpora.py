@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
+from lethe.errors import ConfigError
 from lethe.registry import register_scenario
 
 SPLITS = ("auto", "line", "paragraph", "fortune")
@@ -114,8 +115,6 @@ def read_corpus(path: str, cfg, key: str) -> list[str]:
     """Documents of one corpus: a file, or every regular file in a folder (sorted names)."""
     import json
     import os
-
-    from lethe.platform.errors import ConfigError
 
     path = os.path.expanduser(str(path))
     if os.path.isdir(path):
@@ -288,7 +287,6 @@ def lm_corpora(cfg, seed: int):
     """Continual pre-training: one local text/JSONL corpus per experience, packed into token blocks."""
     import numpy as np
 
-    from lethe.platform.errors import ConfigError
     from lethe.registry import suggest
 
     if cfg.split not in SPLITS:

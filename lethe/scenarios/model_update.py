@@ -19,7 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from lethe.errors import ConfigError
 from lethe.registry import register_scenario
+from lethe.schema import validate_component
 
 INITS = ("scratch", "previous")
 
@@ -51,8 +53,6 @@ def _check_versions(cfg) -> list[dict]:
     """Validated version entries as plain dicts (model nodes validated against their schema)."""
     from omegaconf import OmegaConf
 
-    from lethe.platform.config import _validate_component
-    from lethe.platform.errors import ConfigError
 
     if len(cfg.versions) == 0:
         raise ConfigError("scenario.versions is empty: give at least one version, e.g. "
@@ -70,7 +70,7 @@ def _check_versions(cfg) -> list[dict]:
         if v.model is not None:
             raw = OmegaConf.to_container(v.model) if not isinstance(v.model, (str, dict)) else v.model
             try:
-                model = OmegaConf.to_container(_validate_component("model", raw))
+                model = OmegaConf.to_container(validate_component("model", raw))
             except ConfigError as exc:
                 raise ConfigError(f"{key}.{exc}") from None
         if k == 0 and v.init == "previous":
@@ -95,8 +95,6 @@ def model_update(cfg, seed: int):
     from omegaconf import OmegaConf
 
     from lethe import registry
-    from lethe.platform.config import _validate_component
-    from lethe.platform.errors import ConfigError
     from lethe.scenarios.streams import avalanche_dataset
     from lethe.scenarios.types import UPDATE, Experience, Stream, TestSet
 
@@ -108,7 +106,7 @@ def model_update(cfg, seed: int):
     if not isinstance(args, dict):
         raise ConfigError("scenario.source_args must be a mapping of the source scenario's keys")
     try:
-        source_cfg = _validate_component("scenario", {"name": cfg.source, **args})
+        source_cfg = validate_component("scenario", {"name": cfg.source, **args})
     except ConfigError as exc:
         raise ConfigError(f"scenario.source_args: {exc}") from None
     source = registry.get("scenarios", cfg.source).obj(source_cfg, seed)

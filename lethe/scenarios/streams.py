@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lethe.errors import ConfigError
 from lethe.scenarios.types import LEARN, Experience, Stream, TestSet
 
 
@@ -16,7 +17,6 @@ def split_classes(class_order: list[int], n_experiences: int) -> list[list[int]]
     (Avalanche's ``class_incremental_benchmark(num_experiences=...)`` drops them silently.)
     """
     if not 1 <= n_experiences <= len(class_order):
-        from lethe.platform.errors import ConfigError
         raise ConfigError(f"scenario.n_experiences={n_experiences} must be between 1 and the "
                           f"number of classes ({len(class_order)})")
     return [list(map(int, part)) for part in np.array_split(np.asarray(class_order), n_experiences)]
@@ -31,8 +31,11 @@ def seeded_class_order(n_classes: int, seed: int, shuffle: bool = True) -> list[
 def avalanche_dataset(x, y, ids, task: int = 0):
     """A task-aware Avalanche classification dataset with a ``sample_id`` attribute."""
     import torch
-    from avalanche.benchmarks.utils import (DataAttribute, TaskAwareSupervisedClassificationDataset,
-                                            _make_taskaware_tensor_classification_dataset)
+    from avalanche.benchmarks.utils import (
+        DataAttribute,
+        TaskAwareSupervisedClassificationDataset,
+        _make_taskaware_tensor_classification_dataset,
+    )
 
     base = _make_taskaware_tensor_classification_dataset(x, y.long(), task_labels=int(task))
     ids = torch.as_tensor(ids, dtype=torch.long).tolist()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lethe.errors import ConfigError
 from lethe.registry import register_scenario
 
 
@@ -68,8 +69,6 @@ def generated_topics(n_classes: int, per_class: int, seed: int) -> tuple[list[st
     """Seeded sentences about ``n_classes`` topics: (texts, labels, topic names)."""
     import numpy as np
 
-    from lethe.platform.errors import ConfigError
-
     names = list(TOPICS)
     if not 2 <= n_classes <= len(names):
         raise ConfigError(f"scenario.generated_classes={n_classes} must be between 2 and {len(names)}")
@@ -92,8 +91,6 @@ def _read_rows(path: str, key: str) -> list[dict] | dict[str, list[dict]]:
     import csv
     import json
     import os
-
-    from lethe.platform.errors import ConfigError
 
     path = os.path.expanduser(path)
     if os.path.isdir(path):
@@ -126,8 +123,6 @@ def _read_rows(path: str, key: str) -> list[dict] | dict[str, list[dict]]:
 
 
 def _columns(rows: list[dict], cfg, key: str) -> tuple[list[str], list]:
-    from lethe.platform.errors import ConfigError
-
     if not rows:
         raise ConfigError(f"{key}: no rows")
     for col, name in ((cfg.text_column, "text_column"), (cfg.label_column, "label_column")):
@@ -171,9 +166,12 @@ def text_classification(cfg, seed: int):
     import numpy as np
     import torch
 
-    from lethe.platform.errors import ConfigError
-    from lethe.scenarios.streams import (class_incremental_stream, seeded_class_order,
-                                         split_classes, stratified_split)
+    from lethe.scenarios.streams import (
+        class_incremental_stream,
+        seeded_class_order,
+        split_classes,
+        stratified_split,
+    )
 
     if cfg.max_length < 2:
         raise ConfigError("scenario.max_length must be ≥ 2")

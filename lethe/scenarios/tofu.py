@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+from lethe.errors import ConfigError
 from lethe.registry import register_scenario
 
 PROMPT = "Question: {question}\nAnswer:"
@@ -61,8 +62,6 @@ def read_items(path, key: str) -> list[dict]:
     import json
     import os
 
-    from lethe.platform.errors import ConfigError
-
     if not os.path.exists(path):
         raise ConfigError(f"{key}: file not found: '{path}' (a TOFU folder holds forget10.json, "
                           f"retain90.json, forget10_perturbed.json, retain_perturbed.json, ...; "
@@ -83,8 +82,6 @@ def dataset_folder(cfg) -> str:
     """The TOFU folder: scenario.path, or a generated set (written once, then reused)."""
     import hashlib
     import os
-
-    from lethe.platform.errors import ConfigError
 
     if cfg.path:
         folder = os.path.expanduser(cfg.path)
@@ -206,8 +203,6 @@ def _files(folder: str, cfg) -> dict[str, str]:
     tag = cfg.forget_split.removeprefix("forget")
     retain = cfg.retain_split or (f"retain{100 - int(tag)}" if tag.isdigit() else "")
     if not tag.isdigit() or not retain:
-        from lethe.platform.errors import ConfigError
-
         raise ConfigError(f"scenario.forget_split: '{cfg.forget_split}' should look like forget10 "
                           f"(or set scenario.retain_split)")
     j = lambda n: os.path.join(folder, n + ".json")  # noqa: E731
@@ -219,9 +214,9 @@ def _files(folder: str, cfg) -> dict[str, str]:
 
 def _augment_vocabulary() -> str:
     """Words ReLearn's offline augmenter can emit (the word tokenizer must know them)."""
-    from lethe.methods.relearn_augment import positive_pairs, vocabulary_text
-
     import numpy as np
+
+    from lethe.scenarios.qa_augment import positive_pairs, vocabulary_text
 
     extra = positive_pairs([{}] * 20, 1.0, np.random.default_rng(0))
     return vocabulary_text() + " " + " ".join(p["question"] + " " + p["answer"] for p in extra)
@@ -234,7 +229,6 @@ def tofu(cfg, seed: int):
 
     import torch
 
-    from lethe.platform.errors import ConfigError
     from lethe.scenarios.lm_corpora import sequence_dataset
     from lethe.scenarios.types import FORGET, LEARN, Experience, ForgetRequest, Stream, TestSet
 

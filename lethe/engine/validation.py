@@ -9,8 +9,10 @@ import copy
 
 import torch
 
+from lethe.engine.plugins import RunnerPlugin
 
-class ValidationPlugin:
+
+class ValidationPlugin(RunnerPlugin):
     """Validates every N epochs/steps; with select=best restores the best weights at the end
     of the experience's last epoch (before any method's after_training_exp)."""
 
@@ -23,6 +25,18 @@ class ValidationPlugin:
         self.val_ids: list[int] = []      # sample ids held out for validation (this experience)
         self.train_ids: list[int] = []    # sample ids left for training
         self._n_exp = 0
+
+    # --- checkpoints and metrics -----------------------------------------------------------
+    def state_dict(self) -> dict:
+        # the experience counter seeds each split: a resumed run must carve the same ids
+        return {"n_exp": self._n_exp}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._n_exp = int(state.get("n_exp", 0))
+
+    def experience_metrics(self, experience) -> dict[str, float]:
+        """select/epoch, select/step, select/val_acc, select/val_loss of a learn experience."""
+        return dict(self.selection) if experience.kind == "learn" else {}
 
     # --- the split ----------------------------------------------------------------------
     def after_train_dataset_adaptation(self, strategy, **kwargs):

@@ -1,12 +1,31 @@
-"""Runner plugins for Avalanche's training template (duck-typed: no Avalanche import)."""
+"""Runner plugins for Avalanche's training template (duck-typed: no Avalanche import).
+
+Every runner plugin derives from :class:`RunnerPlugin`: its state goes into the run's
+checkpoints, so a resumed run continues exactly, and it may add metrics to each experience.
+"""
 from __future__ import annotations
 
 import math
 
-from lethe.platform.errors import RunError
+from lethe.errors import RunError
 
 
-class FiniteLossCheck:
+class RunnerPlugin:
+    """What the runner asks of its plugins besides Avalanche's callbacks."""
+
+    def state_dict(self) -> dict:
+        """State that changes results when lost at a resume (checkpointed). None by default."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def experience_metrics(self, experience) -> dict[str, float]:
+        """Metrics to log with the experience just served (e.g. which epoch was kept)."""
+        return {}
+
+
+class FiniteLossCheck(RunnerPlugin):
     """Stops training on a NaN/inf loss, naming where it happened."""
 
     def __init__(self, describe_experience):
@@ -22,7 +41,7 @@ class FiniteLossCheck:
                 f"lower train.lr, check the inputs for NaNs, or use gradient clipping")
 
 
-class TrainProgress:
+class TrainProgress(RunnerPlugin):
     """A tqdm bar per epoch and train/lr on the iteration axis.
 
     log_lr: False when an lr schedule logs train/lr per step itself (LRSchedulePlugin).

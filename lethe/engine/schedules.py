@@ -33,6 +33,9 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from lethe.engine.plugins import RunnerPlugin
+from lethe.errors import ConfigError
+
 NAMES = ("none", "rewarm_cosine", "infinite")
 COOLDOWNS = ("cosine", "inv_sqrt", "linear")
 
@@ -131,7 +134,6 @@ def experience_schedule(cfg: LRScheduleConfig, base_lr: float, total_steps: int,
 
 # --- config checks (called by lethe.platform.config) ---------------------------------------
 def check_config(cfg: LRScheduleConfig) -> None:
-    from lethe.platform.errors import ConfigError
     from lethe.registry import suggest
 
     key = "train.lr_schedule"
@@ -164,11 +166,12 @@ def check_config(cfg: LRScheduleConfig) -> None:
 
 
 # --- applying a schedule in training --------------------------------------------------------
-class LRSchedulePlugin:
+class LRSchedulePlugin(RunnerPlugin):
     """Sets the optimizer's lr before every training iteration and logs ``train/lr`` per step.
 
     Duck-typed Avalanche plugin (no Avalanche import). Step axis: the template clock's global
-    iteration count, which checkpoints restore, so a resumed run continues the same curve.
+    iteration count, which checkpoints restore, so a resumed run continues the same curve (the
+    plugin itself has no state to checkpoint).
     The first experience of the stream is the one that starts at global step 0. Parameter
     groups keep their lr ratio to ``train.lr`` (a method may give heads a larger lr).
     """
@@ -201,21 +204,3 @@ class LRSchedulePlugin:
             self.tracker.log_series("train/lr", self.pending)
         self.pending = []
 
-
-def write_schedule_png(steps, lrs, path, title: str, boundaries=()) -> None:
-    """Plot the learning rate per training step (the ``lr_schedule.png`` artifact)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3))
-    ax.plot(list(steps), list(lrs), lw=1.2)
-    for b in boundaries:
-        ax.axvline(b, color="grey", lw=0.6, ls=":")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("learning rate")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -1,5 +1,5 @@
 """ReLearn's data augmentation (Xu et al., 2025, "ReLearn: Unlearning via Learning for Large
-Language Models"; repo zjunlp/unlearn). See METHODS.md, "ReLearn".
+Language Models"; repo zjunlp/unlearn). See docs/unlearning.md, "ReLearn".
 
 ReLearn does not push the forget answers' likelihood down; it fine-tunes the model on new
 targets for the forget questions: question variants (paraphrase, more specific, noisy,
@@ -21,7 +21,7 @@ The paper prompts a large LLM for all of this. Here the augmenter is pluggable
   a vague answer; an empty or leaking output is redrawn up to ``tries`` times, then the
   fallback augmenter's sample is used (kinds of LLM samples end in ``_llm``).
 
-Private facts are what :func:`lethe.metrics.knowledge.extract_entities` finds (names, places,
+Private facts are what :func:`lethe.scenarios.facts.extract_entities` finds (names, places,
 titles, years and other numbers). Lower-case facts (a genre, a parent's job) are invisible to
 that check, so the answer templates avoid such words by construction.
 """
@@ -146,7 +146,7 @@ class Augmenter(Protocol):
 
 # --- subject and leakage ----------------------------------------------------------------------
 def _entities(text: str) -> list[str]:
-    from lethe.metrics.knowledge import extract_entities
+    from lethe.scenarios.facts import extract_entities
 
     return extract_entities(text)
 
@@ -397,21 +397,18 @@ class LLMAugmenter:
 
     def __init__(self, path: str, max_new_tokens: int = 48, tries: int = 3,
                  fallback: Optional[Augmenter] = None, device: str = "cpu"):
-        from lethe.models.hf import offline
-
-        offline()
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()      # no loading bars in run logs
+        from lethe.models.hf import quiet_transformers
 
         folder = os.path.expanduser(str(path))
         if not os.path.isdir(folder):
             raise ValueError(f"augmenter: model folder not found: '{path}'")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(folder)
-            self.model = AutoModelForCausalLM.from_pretrained(folder).to(device).eval()
+            with quiet_transformers():     # no loading bars in run logs
+                self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+                self.model = AutoModelForCausalLM.from_pretrained(
+                    folder, local_files_only=True).to(device).eval()
         except (OSError, ValueError) as exc:
             raise ValueError(f"augmenter: cannot load a causal LM and its tokenizer from "
                              f"'{folder}': {str(exc).splitlines()[0]}") from None

@@ -1,0 +1,26 @@
+"""Naive model update — the baseline of PCT and MUSCLE: each new model version is trained with
+cross-entropy only, as if the deployed version did not exist.
+
+Setting (Yan et al., "Positive-Congruent Training", CVPR 2021): a run should show an accuracy
+gain together with a non-zero negative flip rate, the figure ``pct`` and ``muscle`` must lower
+at a similar accuracy. Measured on the MLP → CNN update of ``compat_naive_digits`` (3 seeds,
+``benchmarks/compat_nfr.py``): accuracy 79.3% → 97.1%, NFR 0.70% ± 0.38% (6 of 899 test images).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lethe.methods.compat import UpdateMethod
+from lethe.registry import register_method
+
+
+@dataclass
+class NaiveUpdateConfig:
+    pass
+
+
+@register_method("naive_update", config=NaiveUpdateConfig, kinds=("update",))
+class NaiveUpdate(UpdateMethod):
+    """Train each new model version with cross-entropy only (the negative-flip baseline)."""
+
+    name = "naive_update"
