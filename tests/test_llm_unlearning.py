@@ -367,3 +367,47 @@ def test_nan_loss_raises_run_error_naming_the_loss_and_the_fix(learned, monkeypa
     with pytest.raises(RunError, match=r"unlearning loss is nan at step 0 \(grad_ascent\); lower method\.lr"):
         m.unlearn(request_of(stream))
     assert all(torch.equal(before[n], p) for n, p in m.model.named_parameters())   # no NaN step taken
+
+
+def held_weight_bytes(method) -> int:
+    """Bytes of the distinct parameter storages of every module the method holds."""
+    mods = [v for v in vars(method).values() if isinstance(v, torch.nn.Module)]
+    return sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+                for mod in mods for p in mod.parameters()}.values())
+
+
+def test_relearn_with_lora_takes_the_adapter_free_base_as_reference_without_a_copy(learned):
+    stream = learned["stream"]
+    base = sum(p.untyped_storage().nbytes() for p in learned["model"].parameters())
+    full = make(learned, "relearn_tofu_synthetic", ["method.rank=0"])
+    full.prepare_unlearning(*forget_rows(stream)[:2], None, None)
+    assert held_weight_bytes(full) == 2 * base          # full fine-tuning: model + frozen copy
+
+    m = make(learned, "relearn_tofu_synthetic", ["method.epochs=1", "method.batch_size=8",
+                                                 "method.rank=4", "method.lr=0.01"])
+    steps, inner = [], m.unlearn_loss
+
+    def spy(fx, fy, rx, ry):
+        loss = inner(fx, fy, rx, ry)
+        steps.append({"model": copy.deepcopy(m.model), "held": held_weight_bytes(m), "fx": fx,
+                      "fy": fy, "rx": rx, "ry": ry, "loss": float(loss.detach())})
+        return loss
+
+    m.unlearn_loss = spy
+    m.unlearn(request_of(stream))
+    assert len(steps) >= 3
+    lora = sum(p.untyped_storage().nbytes() for n, p in steps[0]["model"].named_parameters()
+               if "lora_" in n)
+    assert 0 < lora < base
+    kls = []
+    for s in steps:
+        assert s["held"] == base + lora                 # the base weights once, plus the adapters
+        at = s["model"]
+        with torch.no_grad():
+            kl = my_kl(at, learned["model"], s["rx"], s["ry"])
+            hand = my_nll(at, s["fx"], s["fy"]) + my_nll(at, s["rx"], s["ry"]) + kl
+        kls.append(kl)
+        assert s["loss"] == pytest.approx(float(hand), rel=1e-4, abs=1e-5)   # KL to the base
+    assert abs(kls[0]) < 1e-9                           # B = 0: the model is its base at first
+    assert all(k > 1e-9 for k in kls[1:])
+    assert not hasattr(m, "reference")

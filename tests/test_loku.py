@@ -229,3 +229,34 @@ def test_ihl_steps_lower_the_forget_tokens_probability():
     after = true_prob()
     assert before > 0.5                                   # the facts were memorised
     assert after < 0.5 * before, (before, after)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fila_holds_at_most_one_float32_fisher_per_target_weight(arch):
+    """Counted whenever FILA fetches a batch (between Fisher steps, in either pass): float32
+    tensors shaped like a target weight, other than those alive before (the weights)."""
+    import gc
+    from collections import Counter
+
+    lm = tiny_lm(arch)
+    names = fila_targets(lm)
+    shapes = Counter(tuple(lm.get_submodule(n).weight.shape) for n in names)
+
+    def matching():
+        return [t for t in gc.get_objects() if isinstance(t, torch.Tensor)
+                and t.dtype == torch.float32 and tuple(t.shape) in shapes]
+
+    before = matching()                    # kept alive: their ids cannot be reused
+    known = {id(t) for t in before}
+    most: Counter = Counter()
+
+    def counted(batches):
+        for b in batches:
+            found = Counter(tuple(t.shape) for t in matching() if id(t) not in known)
+            for shape, count in found.items():
+                most[shape] = max(most[shape], count)
+            yield b
+
+    fila_init(lm, counted(qa_batches(1)), counted(qa_batches(2)), rank=RANK)
+    assert sum(most.values()) >= len(names)          # the accumulators are seen
+    assert most == shapes, (most, shapes)            # and there is one per target weight

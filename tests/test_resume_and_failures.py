@@ -179,7 +179,9 @@ def test_cli_reports_run_failure_with_log_path_and_exit_1(tmp_path, store):
     assert run.info.status == "FAILED"
 
 
-def test_resume_with_validation_and_best_selection_equals_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("engine", [[], ["train.grad_accum_steps=2", "train.precision=bf16-mixed",
+                                          "train.grad_clip_norm=1.0"]], ids=["fp32", "accum-bf16mixed"])
+def test_resume_with_validation_and_best_selection_equals_uninterrupted_run(tmp_path, monkeypatch, engine):
     """Validation carves its split with a per-experience counter; a resumed run must carve the
     same ids. The run is interrupted (Ctrl-C) as experience 2 of 3 starts, after experiences 0
     and 1 were checkpointed, then resumed in the same MLflow run: every logged metric history
@@ -193,7 +195,7 @@ def test_resume_with_validation_and_best_selection_equals_uninterrupted_run(tmp_
         return load_config("split_digits", [
             "scenario.n_experiences=3", "train.epochs=3", "eval.every_epochs=1",
             "checkpoint.select=best", "method.mem_size=60", f"tracking.uri=sqlite:///{tmp_path / name}.db",
-            "tracking.experiment=test", f"checkpoint.dir={tmp_path / name}"])
+            "tracking.experiment=test", f"checkpoint.dir={tmp_path / name}", *engine])
 
     whole = run_experiment(cfg("a"))
     serve = Method.serve

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from conftest import only_run, run_cli
 from lethe.errors import ConfigError
 from lethe.engine import schedules as S
 from lethe.platform.config import load_config
@@ -88,6 +89,126 @@ def test_bad_schedule_settings_fail_at_config_time(override, message):
         load_config("infinite_schedule_digits", [override])
 
 
+# --- the Hugging Face / torch schedules --------------------------------------------------
+def hf_linear_ref(s, T, W):
+    """The multiplier as HF's get_linear_schedule_with_warmup writes it."""
+    return s / W if s < W else max(0.0, (T - s) / (T - W))
+
+
+def hf_sched(name, **kw):
+    return S.LRScheduleConfig(name=name, **kw)
+
+
+def test_warmup_linear_key_steps():
+    f = S.experience_schedule(hf_sched("warmup_linear", warmup_steps=10), ETA, 100, first=True)
+    assert f(0) == 0.0                                   # HF's first step: lr 0
+    assert f(5) == pytest.approx(ETA * 5 / 10)
+    assert f(10) == pytest.approx(ETA)                   # end of warm-up: the peak
+    assert f(55) == pytest.approx(ETA * 45 / 90)         # half-way down
+    assert f(99) == pytest.approx(ETA * 1 / 90)          # last step: one step short of 0
+
+
+@pytest.mark.parametrize("low", [None, 0.1])
+def test_cosine_key_steps(low):
+    f = S.experience_schedule(hf_sched("cosine", warmup_steps=10, eta_min_frac=low), ETA, 100, True)
+    eta_min = 0.0 if low is None else 0.1 * ETA         # HF's default: decay to 0
+    assert f(0) == 0.0
+    assert f(5) == pytest.approx(ETA / 2)
+    assert f(10) == pytest.approx(ETA)
+    assert f(55) == pytest.approx(eta_min + 0.5 * (ETA - eta_min))
+    assert f(99) == pytest.approx(eta_min + 0.5 * (ETA - eta_min) * (1 + math.cos(math.pi * 89 / 90)))
+
+
+def test_step_key_steps():
+    f = S.experience_schedule(hf_sched("step", step_size=2, gamma=0.5), ETA, 35, True, steps_per_epoch=7)
+    assert f(0) == f(13) == pytest.approx(ETA)           # epochs 0 and 1
+    assert f(14) == pytest.approx(ETA * 0.5)             # epoch 2: first decay
+    assert f(27) == pytest.approx(ETA * 0.5)             # epoch 3
+    assert f(34) == pytest.approx(ETA * 0.25)            # epoch 4, the last step
+
+
+def torch_lrs(make_scheduler, steps, steps_per_epoch=None):
+    """lr of every optimizer step under a torch scheduler; per epoch when steps_per_epoch."""
+    import torch
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=ETA)
+    sched = make_scheduler(opt)
+    out = []
+    for s in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if steps_per_epoch is None or (s + 1) % steps_per_epoch == 0:
+            sched.step()
+    return out
+
+
+# T, warmup_frac, warmup_steps: shares that round and ceil differently (0.05·201 = 10.05,
+# 0.07·100 = 7.000000000000001), none, and a warm-up longer than the experience
+HF_CASES = [(201, 0.05, 0), (100, 0.07, 0), (50, 0.0, 0), (40, 0.01, 60), (30, 0.01, 4)]
+
+
+@pytest.mark.parametrize("T,frac,steps", HF_CASES)
+def test_warmup_linear_and_cosine_match_transformers(tmp_path, T, frac, steps):
+    from transformers import TrainingArguments
+    from transformers.optimization import (get_cosine_schedule_with_warmup,
+                                           get_cosine_with_min_lr_schedule_with_warmup,
+                                           get_linear_schedule_with_warmup)
+
+    args = TrainingArguments(output_dir=str(tmp_path), warmup_steps=steps or frac, report_to="none")
+    W = args.get_warmup_steps(T)                         # the Trainer's own warm-up length
+    refs = {
+        "warmup_linear": lambda o: get_linear_schedule_with_warmup(o, W, T),
+        "cosine": lambda o: get_cosine_schedule_with_warmup(o, W, T),
+        "cosine_min": lambda o: get_cosine_with_min_lr_schedule_with_warmup(o, W, T, min_lr_rate=0.1),
+    }
+    for key, make in refs.items():
+        name, low = ("cosine", 0.1) if key == "cosine_min" else (key, None)
+        cfg = hf_sched(name, warmup_frac=frac, warmup_steps=steps, eta_min_frac=low)
+        expected = torch_lrs(make, T)
+        for first in (True, False):                     # restarts alike at every experience
+            f = S.experience_schedule(cfg, ETA, T, first)
+            assert [f(s) for s in range(T)] == pytest.approx(expected, rel=1e-12, abs=1e-15), key
+
+
+@pytest.mark.parametrize("step_size,gamma,per_epoch,epochs", [(20, 0.1, 3, 45), (1, 0.5, 4, 5),
+                                                              (3, 1.0, 2, 7)])
+def test_step_matches_torch_steplr(step_size, gamma, per_epoch, epochs):
+    import torch
+
+    expected = torch_lrs(lambda o: torch.optim.lr_scheduler.StepLR(o, step_size, gamma),
+                         per_epoch * epochs, steps_per_epoch=per_epoch)
+    cfg = hf_sched("step", step_size=step_size, gamma=gamma)
+    f = S.experience_schedule(cfg, ETA, per_epoch * epochs, first=False, steps_per_epoch=per_epoch)
+    assert [f(s) for s in range(per_epoch * epochs)] == pytest.approx(expected, rel=1e-12)
+
+
+def test_warmup_steps_override_the_share_for_the_paper_schedules():
+    cfg = hf_sched("rewarm_cosine", warmup_frac=0.5, warmup_steps=3)
+    f = S.experience_schedule(cfg, ETA, 100, first=True)
+    assert f(0) == pytest.approx(ETA / 4) and f(3) == pytest.approx(ETA)   # η_max·(s+1)/(W+1)
+    assert f(99) == pytest.approx(0.1 * ETA)             # its η_min default stays 0.1·η_max
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.lr_schedule.name=cosin"], "did you mean 'cosine'"),
+    (["train.lr_schedule.name=warmup_lin"], "did you mean 'warmup_linear'"),
+    (["train.lr_schedule.name=step"], "needs 'train.lr_schedule.step_size'"),
+    (["train.lr_schedule.name=step", "train.lr_schedule.step_size=0"], "'train.lr_schedule.step_size': 0"),
+    (["train.lr_schedule.name=step", "train.lr_schedule.step_size=20", "train.lr_schedule.gamma=0"],
+     r"'train.lr_schedule.gamma': 0.0 must be in \(0, 1\]"),
+    (["train.lr_schedule.name=step", "train.lr_schedule.step_size=20", "train.lr_schedule.gamma=1.5"],
+     "'train.lr_schedule.gamma'"),
+    (["train.lr_schedule.name=warmup_linear", "train.lr_schedule.warmup_steps=-1"],
+     "'train.lr_schedule.warmup_steps': -1 must be ≥ 0"),
+    (["train.lr_schedule.name=warmup_linear", "train.lr_schedule.warmup_steps=2.5"], "warmup_steps"),
+    (["train.lr_schedule.name=cosine", "train.lr_schedule.eta_min_frac=1.5"], "'train.lr_schedule.eta_min_frac'"),
+    (["train.lr_schedule.name=step", "train.lr_schedule.step_sise=3"], "did you mean 'step_size'"),
+])
+def test_bad_new_schedule_settings_fail_at_config_time(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("split_digits", overrides)
+
+
 # --- in real runs ---------------------------------------------------------------------------
 def steps_per_experience(cfg) -> list[int]:
     """Training steps of each experience, from the data sizes (independent of the plugin):
@@ -139,6 +260,39 @@ def test_runs_apply_the_schedule_at_every_step(tmp_path, preset):
     assert "lr_schedule.png" in arts
     if preset == "rewarm_replay_digits":    # re-warmed at every experience: 5 peaks at η_max
         assert sum(1 for _, v in hist if v == pytest.approx(cfg.train.lr)) >= 5
+
+
+RUN_SCHEDULES = {
+    # name: (overrides, the lr at local step s of an experience of T steps, E per epoch)
+    "warmup_linear": (["train.lr_schedule.warmup_frac=0.2"],
+                      lambda s, T, E: 0.05 * hf_linear_ref(s, T, math.ceil(0.2 * T))),
+    "step": (["train.lr_schedule.step_size=1", "train.lr_schedule.gamma=0.5"],
+             lambda s, T, E: 0.05 * 0.5 ** (s // E)),
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", sorted(RUN_SCHEDULES))
+def test_lethe_run_logs_the_new_schedules_step_by_step(tmp_path, store, name):
+    """`lethe run split_digits` (SGD, lr 0.05, batch 32), naive: every experience restarts the
+    schedule over ⌈n/32⌉ steps per epoch, 2 epochs."""
+    from lethe.platform.runner import build_components
+
+    extra, ref = RUN_SCHEDULES[name]
+    overrides = ["method.name=naive", "train.epochs=2", f"train.lr_schedule.name={name}", *extra,
+                 "eval.save_predictions=false"]
+    res = run_cli(["run", "split_digits", *store["overrides"], *overrides], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    stream, _, _ = build_components(load_config("split_digits", overrides))
+    expected = []
+    for e in stream.experiences:
+        per_epoch = math.ceil(len(e.train.dataset) / 32)
+        expected += [ref(s, 2 * per_epoch, per_epoch) for s in range(2 * per_epoch)]
+    client, run = only_run(store["uri"])
+    hist = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/lr"))
+    assert [s for s, _ in hist] == list(range(len(expected)))
+    assert [v for _, v in hist] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert sum(v == 0.0 for _, v in hist) == (5 if name == "warmup_linear" else 0)  # HF: 0 first
 
 
 PLOTS = """

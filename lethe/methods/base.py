@@ -35,9 +35,12 @@ class Method:
     name = "method"
 
     def __init__(self, cfg, model, ctx: MethodContext):
+        from lethe.engine.engine import Engine
+
         self.cfg = cfg
         self.ctx = ctx
-        self.model = self.setup(model).to(ctx.device)
+        self.engine = Engine(ctx.train, ctx.device)   # precision, accumulation, clipping
+        self.model = self.engine.prepare_model(self.setup(model).to(ctx.device))
         self.strategy = self.build_strategy()
         self.learned: list[int] = []   # stream indices of the learn experiences served
 
@@ -61,13 +64,17 @@ class Method:
     def build_strategy(self):
         import torch
 
+        from lethe.engine.template import engine_template
+
         train = self.ctx.train
-        return self.strategy_class()(
+        strategy = engine_template(self.strategy_class())(
             model=self.model, optimizer=make_optimizer(self.model.parameters(), train),
             criterion=torch.nn.CrossEntropyLoss(), train_mb_size=train.batch_size,
             train_epochs=train.epochs, eval_mb_size=max(train.batch_size, 256),
             device=self.ctx.device, plugins=[*self.plugins(), self, *self.ctx.plugins],
             evaluator=self.ctx.evaluator, **self.strategy_kwargs())
+        strategy.engine = self.engine
+        return strategy
 
     @classmethod
     def check_stream(cls, cfg, stream, seed: int) -> None:
@@ -127,7 +134,8 @@ class Method:
     def state_dict(self) -> dict:
         clock = {k: v for k, v in vars(self.strategy.clock).items() if isinstance(v, int)}
         return {"model": self.model.state_dict(), "optimizer": self.strategy.optimizer.state_dict(),
-                "clock": clock, "learned": list(self.learned), "extra": self.extra_state()}
+                "clock": clock, "learned": list(self.learned), "extra": self.extra_state(),
+                "engine": self.engine.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         from avalanche.models.dynamic_optimizers import update_optimizer
@@ -141,6 +149,7 @@ class Method:
         for k, v in state["clock"].items():   # EWC & co. read the template's clock
             setattr(self.strategy.clock, k, v)
         self.learned = list(state["learned"])
+        self.engine.load_state_dict(state.get("engine", {}))   # absent in older checkpoints
         self.load_extra_state(state["extra"])
 
     # --- helpers for subclasses ---------------------------------------------------------

@@ -200,6 +200,8 @@ class CLR(Method):
 
         import torch
 
+        from lethe.engine.loop import fit
+
         log = logging.getLogger("lethe")
         frozen = [p for p in self.model.parameters() if not p.requires_grad]
         CLRConv, _ = _layers()
@@ -216,17 +218,19 @@ class CLR(Method):
                                              batch_size=self.ctx.train.batch_size, shuffle=True,
                                              generator=gen)
         self.model.train()
-        for epoch in range(self.cfg.anchor_pretrain_epochs):
-            total, n = 0.0, 0
-            for batch in loader:
-                x, y = batch[0].to(self.ctx.device), batch[1].to(self.ctx.device)
-                loss = torch.nn.functional.cross_entropy(self.model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total, n = total + loss.item() * len(y), n + len(y)
-            log.info("clr anchor pre-training epoch %d/%d: loss %.4f", epoch + 1,
-                     self.cfg.anchor_pretrain_epochs, total / max(n, 1))
+        dev, engine = self.ctx.device, self.engine
+
+        def loss_fn(batch):
+            x = engine.convert_input(batch[0].to(dev))
+            return torch.nn.functional.cross_entropy(self.model(x), batch[1].to(dev))
+
+        def report(epoch, total):
+            log.info("clr anchor pre-training epoch %d/%d: mean batch loss %.4f", epoch + 1,
+                     self.cfg.anchor_pretrain_epochs, float(total) / max(len(loader), 1))
+
+        fit(engine, self.model, opt, self.cfg.anchor_pretrain_epochs, lambda epoch: loader, loss_fn,
+            "CLR anchor pre-training", lr_schedule=self.ctx.train.lr_schedule,
+            base_lr=self.cfg.anchor_pretrain_lr, after_epoch=report)
         for p in frozen:
             p.requires_grad_(False)
             p.grad = None

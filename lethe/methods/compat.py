@@ -95,7 +95,7 @@ class UpdateMethod(Method):
         """Make ``model`` the one the template trains, with a fresh optimizer. The template's
         clock carries over so train/loss keeps one iteration axis across versions."""
         clock = {k: v for k, v in vars(self.strategy.clock).items() if isinstance(v, int)}
-        self.model = model.to(self.ctx.device)
+        self.model = self.engine.prepare_model(model.to(self.ctx.device))
         self.strategy = self.build_strategy()
         for k, v in clock.items():
             setattr(self.strategy.clock, k, v)

@@ -187,28 +187,34 @@ class ConPETDynamic(ConPETBase):
 
         import torch
 
-        from lethe.methods.base import make_optimizer
+        from lethe.engine.loop import fit, make_optimizer
 
         net, train = self.model, self.ctx.train
         self._train_only(self.selector_params())
-        hp = types.SimpleNamespace(optimizer=train.optimizer, lr=self.cfg.selector_lr or train.lr,
-                                   momentum=train.momentum, weight_decay=train.weight_decay)
+        lr = self.cfg.selector_lr or train.lr
+        hp = types.SimpleNamespace(optimizer=train.optimizer, lr=lr, momentum=train.momentum,
+                                   weight_decay=train.weight_decay)
         opt = make_optimizer(self.selector_params(), hp)
         loader = self.stage_loader(seed_tag=1)
         dev = self.ctx.device
+        counts = torch.zeros(2, dtype=torch.long, device=dev)   # hits, seen: no sync per step
         net.train()
-        for _ in range(self.cfg.selector_epochs or train.epochs):
-            hits = total = 0
-            for x, y, _ids, _t in loader:
-                x, task = x.to(dev), self.class_task[y].to(dev)
-                opt.zero_grad()
-                z = net.selector_logits(x, t + 1)
-                loss = torch.nn.functional.cross_entropy(z, task)
-                loss.backward()
-                opt.step()
-                hits += int((z.argmax(1) == task).sum())
-                total += len(task)
-            self.selector_train_acc = hits / max(total, 1)
+
+        def loss_fn(batch):
+            x, y = batch[0], batch[1]
+            task = self.class_task[y].to(dev)
+            z = net.selector_logits(self.engine.convert_input(x.to(dev)), t + 1)
+            counts[0] += (z.argmax(1) == task).sum()
+            counts[1] += len(task)
+            return torch.nn.functional.cross_entropy(z, task)
+
+        def epoch_done(epoch, total):
+            self.selector_train_acc = int(counts[0]) / max(int(counts[1]), 1)
+            counts.zero_()
+
+        fit(self.engine, net, opt, self.cfg.selector_epochs or train.epochs, lambda epoch: loader,
+            loss_fn, "ConPET selector", lr_schedule=train.lr_schedule, base_lr=lr,
+            after_epoch=epoch_done)
         opt.zero_grad(set_to_none=True)
 
     def _selected(self, x, ids, t: int):

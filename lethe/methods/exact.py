@@ -88,7 +88,8 @@ class ExactUnlearner(Method, abc.ABC):
         model.to(device)
         train_loop(model, [n for n, _ in model.named_parameters()], public.x.to(device),
                    public.y.long().to(device), self.ctx.train, epochs,
-                   derive_seed(self.ctx.seed, 0xBAC), f"{self.name} backbone pretraining")
+                   derive_seed(self.ctx.seed, 0xBAC), f"{self.name} backbone pretraining",
+                   engine=self.engine)
 
     # --- model states -------------------------------------------------------------------
     def _tensors(self) -> dict:
@@ -136,7 +137,7 @@ class ExactUnlearner(Method, abc.ABC):
         rows_dev = rows.to(self.ctx.device)
         return train_loop(self.model, names, x_all[rows_dev], y_all[rows_dev], self.ctx.train,
                           int(self.ctx.train.epochs), seed, f"{self.name} ({label})",
-                          freeze_norms=self.frozen_backbone)
+                          freeze_norms=self.frozen_backbone, engine=self.engine)
 
     # --- serving experiences ------------------------------------------------------------
     def learn(self, experience) -> None:

@@ -92,7 +92,7 @@ class LLMUnlearner(Method):
         import torch
         from tqdm.auto import tqdm
 
-        from lethe.methods.base import make_optimizer
+        from lethe.engine.loop import fit, make_optimizer
 
         t0 = time.perf_counter()
         cfg, dev = self.cfg, self.ctx.device
@@ -110,27 +110,35 @@ class LLMUnlearner(Method):
             optimizer=cfg.optimizer, lr=cfg.lr, momentum=0.9, weight_decay=0.0))
         gen = torch.Generator().manual_seed(self.ctx.seed + 7919)
         target = self._target_rows() if cfg.stop_at_target else None
-        steps, reached = 0, False
-        bar = tqdm(total=cfg.epochs * -(-len(fx) // cfg.batch_size), desc=f"unlearn ({self.name})",
-                   unit="step", disable=None)
-        for _ in range(cfg.epochs):
-            for idx in torch.randperm(len(fx), generator=gen).split(cfg.batch_size):
-                ridx = torch.randint(len(rx), (len(idx),), generator=gen)
-                loss = self.unlearn_loss(fx[idx].to(dev), fy[idx].to(dev), rx[ridx].to(dev), ry[ridx].to(dev))
-                if not torch.isfinite(loss):
-                    raise RunError(f"unlearning loss is {float(loss)} at step {steps} ({self.name}); "
-                                   f"lower method.lr or method.epochs")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                steps += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                if target is not None and steps % max(1, cfg.check_every) == 0 and self._reached(target):
-                    reached = True
-                    break
-            if reached:
-                break
+        state = {"calls": 0, "reached": False}
+
+        def batches(epoch):   # forget rows in a seeded order, each paired with random retain rows
+            return [(idx, torch.randint(len(rx), (len(idx),), generator=gen))
+                    for idx in torch.randperm(len(fx), generator=gen).split(cfg.batch_size)]
+
+        def loss_fn(batch):
+            idx, ridx = batch
+            loss = self.unlearn_loss(fx[idx].to(dev), fy[idx].to(dev), rx[ridx].to(dev), ry[ridx].to(dev))
+            if not torch.isfinite(loss):   # per step: ascent can blow up within an epoch
+                raise RunError(f"unlearning loss is {float(loss)} at step {state['calls']} "
+                               f"({self.name}); lower method.lr or method.epochs")
+            state["calls"] += 1
+            return loss
+
+        per_epoch = -(-len(fx) // cfg.batch_size)             # mini-batches (ceil)
+        bar = tqdm(total=cfg.epochs * -(-per_epoch // self.engine.accum),   # optimizer steps
+                   desc=f"unlearn ({self.name})", unit="step", disable=None)
+
+        def on_step(steps: int) -> bool:
+            bar.update(1)
+            if target is not None and steps % max(1, cfg.check_every) == 0 and self._reached(target):
+                state["reached"] = True
+            return state["reached"]
+
+        steps = fit(self.engine, self.model, opt, cfg.epochs, batches, loss_fn,
+                    f"unlearning ({self.name})", lr_schedule=self.ctx.train.lr_schedule,
+                    base_lr=cfg.lr, on_step=on_step)
+        reached = state["reached"]
         bar.close()
         self.finish_unlearning()
         self.model.eval()
@@ -147,14 +155,16 @@ class LLMUnlearner(Method):
 
     def _reached(self, rows) -> bool:
         """Forget-answer memorisation accuracy at or below the unseen answers'."""
-        import torch
 
+        from lethe.metrics.qa import token_stats
         from lethe.metrics.tofu import memorisation_accuracy
 
         was = self.model.training
         self.model.eval()
-        with torch.no_grad():
-            ma = {k: float(memorisation_accuracy(self.model(x.to(self.ctx.device)), y.to(self.ctx.device)).mean())
-                  for k, (x, y) in rows.items()}
+        fn = lambda x, t: self.model(x)  # noqa: E731
+        # in batches, argmax on the device: never the logits of a whole split at once
+        ma = {k: float(memorisation_accuracy(token_stats(fn, x, y, self.ctx.device, self.cfg.batch_size)[0],
+                                             y).mean())
+              for k, (x, y) in rows.items()}
         self.model.train(was)
         return ma["forget"] <= ma["unseen"]

@@ -65,21 +65,15 @@ def _weight_out_in(module):
     return w.t() if is_conv1d(module) else w
 
 
-def fisher_diagonal(lm, batches, modules):
-    """Empirical diagonal Fisher of the weights of ``modules`` (names in ``lm``).
-
-    For every batch ``(input_ids [B, L], targets [B, L])`` the batch-mean NLL is
-    differentiated and ``n_tokens · grad(W)²`` accumulated, as the reference code does (the
-    token count turns a mean gradient back into a per-token weight). Returns
-    ``({name: sum, shaped like the weight}, total counted tokens)``. Parameters, their
-    ``requires_grad`` flags, ``.grad`` fields and the train/eval mode are left as found.
-    """
+def _squared_grad_pass(lm, batches, modules, consume) -> int:
+    """For every batch ``(input_ids [B, L], targets [B, L])`` with counted tokens: the
+    gradient of the batch-mean NLL w.r.t. the weights of ``modules``, handed to
+    ``consume(n_tokens, {name: grad})``. Returns the total counted tokens. Parameters, their
+    ``requires_grad`` flags, ``.grad`` fields and the train/eval mode are left as found."""
     import torch
     import torch.nn.functional as F
 
-    mods = {n: lm.get_submodule(n) for n in modules}
-    weights = [mods[n].weight for n in modules]
-    sums = {n: torch.zeros_like(mods[n].weight, dtype=torch.float32) for n in modules}
+    weights = [lm.get_submodule(n).weight for n in modules]
     total = 0
     flags = [w.requires_grad for w in weights]
     was_training = lm.training
@@ -99,22 +93,63 @@ def fisher_diagonal(lm, batches, modules):
                                    ignore_index=IGNORE)
             # autograd.grad returns the gradients without touching any .grad field
             grads = torch.autograd.grad(loss, weights, allow_unused=True)
-            for n, g in zip(modules, grads):
-                if g is not None:
-                    sums[n] += n_tok * g.detach().float().pow(2)
+            del logits, loss
+            consume(n_tok, {n: g.detach() for n, g in zip(modules, grads) if g is not None})
+            del grads   # not alive next to the next batch's activations
             total += n_tok
     finally:
         for w, flag in zip(weights, flags):
             w.requires_grad_(flag)
         lm.train(was_training)
-    return sums, total
+    return total
 
 
-def fila_row_weights(f_forget, n_forget, f_retain, n_retain):
-    """Row weights w_i = sqrt(Σ_j F_rel[i, j]) with F_rel = (F_f/N_f) / (F_r/N_r + eps);
-    Fisher tensors [out, in], computed in float64."""
-    rel = (f_forget.double() / max(n_forget, 1)) / (f_retain.double() / max(n_retain, 1) + EPS)
-    return rel.sum(dim=1).sqrt()
+def fisher_diagonal(lm, batches, modules):
+    """Empirical diagonal Fisher of the weights of ``modules`` (names in ``lm``).
+
+    For every batch ``(input_ids [B, L], targets [B, L])`` the batch-mean NLL is
+    differentiated and ``n_tokens · grad(W)²`` accumulated, as the reference code does (the
+    token count turns a mean gradient back into a per-token weight). Returns
+    ``({name: sum, shaped like the weight}, total counted tokens)``. Parameters, their
+    ``requires_grad`` flags, ``.grad`` fields and the train/eval mode are left as found.
+    """
+    import torch
+
+    sums = {n: torch.zeros_like(lm.get_submodule(n).weight, dtype=torch.float32) for n in modules}
+
+    def add(n_tok, grads):
+        for n, g in grads.items():
+            g = g.float()
+            sums[n].addcmul_(g, g, value=n_tok)
+
+    return sums, _squared_grad_pass(lm, batches, modules, add)
+
+
+def relative_fisher_rows(lm, forget_batches, modules, retain_fisher, n_retain):
+    """Row sums of the relative Fisher without a second full Fisher: for each weight
+    W [out, in], ``Σ_j F_f[i, j] / (F_r[i, j] / N_r + eps)`` per output row i (float64 [out]),
+    with F_f the forget-set Fisher (:func:`fisher_diagonal`'s sums) and F_r = ``retain_fisher``.
+
+    F_f is linear in the per-batch squared gradients, so each batch's ``n_tok · g²`` is divided
+    by the denominator and summed over the row right away. ``retain_fisher`` is turned into the
+    denominator in place (it is consumed). Returns ``({name: row sums}, forget tokens N_f)``.
+    """
+    import torch
+
+    denom = {}
+    row_dim = {}
+    for n in modules:
+        denom[n] = retain_fisher[n].div_(max(n_retain, 1)).add_(EPS)
+        row_dim[n] = 0 if is_conv1d(lm.get_submodule(n)) else 1   # Conv1D stores W as [in, out]
+    rows = {n: torch.zeros(_weight_out_in(lm.get_submodule(n)).shape[0], dtype=torch.float64,
+                           device=denom[n].device) for n in modules}
+
+    def add(n_tok, grads):
+        for n, g in grads.items():
+            ratio = g.float().pow(2).div_(denom[n])
+            rows[n].add_(ratio.sum(row_dim[n], dtype=torch.float64), alpha=n_tok)
+
+    return rows, _squared_grad_pass(lm, forget_batches, modules, add)
 
 
 def fila_factors(weight, row_w, rank: int, scale: float):
@@ -150,8 +185,11 @@ def fila_init(lm, forget_batches, retain_batches, rank: int = 4, alpha=None, tar
         if rank > min(out_f, in_f):
             raise ValueError(f"LoKU rank={rank} exceeds the smaller side of '{n}' "
                              f"({out_f}x{in_f}); choose rank <= {min(out_f, in_f)}")
-    f_f, n_f = fisher_diagonal(lm, forget_batches, names)
+    # one float32 accumulator per target weight at a time: the retain Fisher, which becomes the
+    # denominator of the forget pass (a 7B model's Fisher is 28 GB)
     f_r, n_r = fisher_diagonal(lm, retain_batches, names)
+    rel_rows, n_f = relative_fisher_rows(lm, forget_batches, names, f_r, n_r)
+    del f_r
     if n_f == 0 or n_r == 0:
         raise ValueError(f"LoKU FILA needs counted tokens on both sets (forget: {n_f}, "
                          f"retain: {n_r}); check that the targets are not all -100")
@@ -170,9 +208,8 @@ def fila_init(lm, forget_batches, retain_batches, rank: int = 4, alpha=None, tar
             is_conv = is_conv1d(base)
             scale = float(layer.scaling["default"])
             w64 = _weight_out_in(base).double()
-            fisher_f = (f_f[n].t() if is_conv else f_f[n]).to(w64.device)
-            fisher_r = (f_r[n].t() if is_conv else f_r[n]).to(w64.device)
-            row_w = fila_row_weights(fisher_f, n_f, fisher_r, n_r)
+            # w_i = sqrt(Σ_j F_rel[i, j]), F_rel = (F_f/N_f) / (F_r/N_r + eps)
+            row_w = (rel_rows.pop(n) / n_f).sqrt().to(w64.device)
             a, b = fila_factors(w64, row_w, rank, scale)
             residual = w64 - scale * (b @ a)
             dtype = base.weight.dtype

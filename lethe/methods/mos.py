@@ -393,6 +393,8 @@ class MOS(_AdapterTuning):
         import torch
         import torch.nn.functional as F
 
+        from lethe.engine.loop import fit
+
         c, head = self.cfg, self.model.head
         seen = self.seen_classes()
         means = self.means[seen]
@@ -402,18 +404,19 @@ class MOS(_AdapterTuning):
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.ca_epochs)
         n = c.ca_samples_per_class
         head.train()
-        for _ in range(c.ca_epochs):
+
+        def batches(epoch):   # fresh Gaussian samples every epoch, one batch of n per class
             with torch.no_grad():
                 x, y = sample_gaussians(means, factors, n, c.ca_storage)
                 perm = torch.randperm(len(y), device=y.device)
                 x, y = x[perm], y[perm]
-            for i in range(len(seen)):   # official: as many batches of n samples as classes
-                logits = head(x[i * n:(i + 1) * n])[:, seen]
-                loss = F.cross_entropy(logits, y[i * n:(i + 1) * n])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            sched.step()
+            return [(x[i * n:(i + 1) * n], y[i * n:(i + 1) * n]) for i in range(len(seen))]
+
+        # the official per-epoch cosine schedule of this stage, not train.lr_schedule (which
+        # schedules the adapter training around it)
+        fit(self.engine, head, opt, c.ca_epochs, batches,
+            lambda b: F.cross_entropy(head(b[0])[:, seen], b[1]), "MOS classifier alignment",
+            after_epoch=lambda epoch, total: sched.step())
 
     # --- inference ----------------------------------------------------------------------
     def predict(self, x, task_ids):

@@ -13,7 +13,9 @@ question) is augmented as the answer to "Who is <its first entity>?".
 
 Loss per step: CE(augmented forget) + CE(retain) + KL(p_ref ‖ p_θ) on retain answer tokens,
 p_ref = the model before unlearning; all weights 1; LoRA (r = 32 in the paper) on every linear
-layer, merged into the model when the request is served.
+layer, merged into the model when the request is served. With LoRA, p_ref is the wrapped model
+with its adapters disabled (the frozen base weights are the model before unlearning), so no
+second copy of the weights is held; full fine-tuning (rank 0) keeps a frozen deep copy.
 """
 from __future__ import annotations
 
@@ -55,9 +57,29 @@ class Relearn(LLMUnlearner):
     def prepare_unlearning(self, fx, fy, rx, ry) -> None:
         import copy
 
-        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        from peft import PeftModel
+
+        # adapters already on the model would be disabled too: its base would not be p_ref
+        base_is_ref = self.cfg.rank > 0 and not isinstance(self.model.lm, PeftModel)
+        self.reference = None if base_is_ref else copy.deepcopy(self.model).eval().requires_grad_(False)
         if self.cfg.rank > 0:
             self.wrap_lora(self.cfg.rank, self.cfg.alpha)
+
+    def reference_logits(self, x):
+        """p_ref's logits [B, V, L]: the frozen copy, or the LoRA model's base (eval mode, as
+        the copy is, so dropout cannot make p_ref noisy)."""
+        import torch
+
+        with torch.no_grad():
+            if self.reference is not None:
+                return self.reference(x)
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                with self.model.lm.disable_adapter():
+                    return self.model(x)
+            finally:
+                self.model.train(was_training)
 
     def augmented(self, request) -> list[dict]:
         """The augmented forget samples and positive pairs of a request (deterministic by seed)."""
@@ -105,11 +127,8 @@ class Relearn(LLMUnlearner):
         return qa.rows(pairs)
 
     def unlearn_loss(self, fx, fy, rx, ry):
-        import torch
-
         logits_r = self.model(rx)
-        with torch.no_grad():
-            ref = self.reference(rx)
+        ref = self.reference_logits(rx)
         return (lm_nll(self.model(fx), fy) + self.cfg.retain_weight * lm_nll(logits_r, ry)
                 + self.cfg.kl_weight * kl_ref(logits_r, ref, ry))
 

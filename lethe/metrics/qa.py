@@ -34,14 +34,25 @@ from lethe.metrics.evaluator import PredictionStore
 from lethe.metrics.protocol import StreamEvaluator
 
 
-def batched_logits(fn, x: torch.Tensor, device, bs: int = 64) -> torch.Tensor:
-    """fn(x) over batches, logits [N, V, L] on CPU (float32)."""
-    out = []
+def token_stats(fn, x: torch.Tensor, y: torch.Tensor, device, bs: int = 64
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """fn(x) over batches, reduced per batch on ``device`` to what the metrics read: the
+    argmax prediction [N, L] (int64) and the log-probability of the target [N, L] (float64,
+    0 where the target is -100) of every position, both on CPU. Only one batch of logits
+    exists at a time, on the device, so host memory does not grow with the vocabulary."""
+    preds, logprobs = [], []
     with torch.inference_mode():
         for s in range(0, len(x), bs):
-            xb = x[s:s + bs].to(device)
-            out.append(fn(xb, torch.zeros(len(xb), dtype=torch.long, device=device)).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+            xb, yb = x[s:s + bs].to(device), y[s:s + bs].to(device)
+            logits = fn(xb, torch.zeros(len(xb), dtype=torch.long, device=device)).float()
+            preds.append(logits.argmax(1).cpu())
+            nll = torch.nn.functional.cross_entropy(logits, yb, ignore_index=-100, reduction="none")
+            # float64 on the host only: some accelerators have no float64
+            logprobs.append(-nll.cpu().to(torch.float64))
+            del logits   # freed before the next forward, or two batches of logits peak together
+    if not preds:
+        return (torch.zeros(y.shape, dtype=torch.long), torch.zeros(y.shape, dtype=torch.float64))
+    return torch.cat(preds), torch.cat(logprobs)
 
 
 def hf_greedy(lm, prompts: list[list[int]], max_new: int, eos: int, device, bs: int = 64) -> list[list[int]]:
@@ -109,7 +120,7 @@ class QAEvaluator(StreamEvaluator):
         from lethe.metrics.tofu import answer_nll
 
         x, y = self.qa.rows(pairs)
-        return answer_nll(batched_logits(fn, x, self.device, self.bs), y)
+        return answer_nll(token_stats(fn, x, y, self.device, self.bs)[1], y)
 
     def _candidates(self, fn, items) -> tuple[torch.Tensor, torch.Tensor]:
         """NLL of the paraphrased and of each perturbed answer ([N], [N, K], nan-padded); the true
@@ -126,13 +137,14 @@ class QAEvaluator(StreamEvaluator):
         pert[torch.arange(k).unsqueeze(0) >= counts.unsqueeze(1)] = float("nan")
         return nll[:, 0], pert
 
-    def _mink_auc(self, logits) -> float:
-        """Min-K% prob AUC, forget answers (members) vs unseen answers, from a pass over self.x."""
+    def _mink_auc(self, logprobs) -> float:
+        """Min-K% prob AUC, forget answers (members) vs unseen answers, from the token
+        log-probabilities of a pass over self.x."""
         from lethe.metrics.tofu import min_k_prob, mink_auc
 
         if "unseen" not in self.splits:
             return float("nan")
-        score = min_k_prob(logits, self.y, self.cfg.mink_k)
+        score = min_k_prob(logprobs, self.y, self.cfg.mink_k)
         split_of = self.stream.test.exp
         return mink_auc(score[split_of == self.splits.index("forget")],
                         score[split_of == self.splits.index("unseen")])
@@ -156,7 +168,7 @@ class QAEvaluator(StreamEvaluator):
             else:
                 gen = greedy_generate(lambda ids: fn(ids.to(self.device), torch.zeros(
                     len(ids), dtype=torch.long, device=self.device)), [prompts[i] for i in idx],
-                    max_new, eos=tok.eos)
+                    max_new, eos=tok.eos, batch_size=self.bs)
             for i, g in zip(idx, gen):
                 outs[i] = g
         return [tok.decode(g) for g in outs], outs, prompts
@@ -209,7 +221,7 @@ class QAEvaluator(StreamEvaluator):
             ref = self.reference_fn()
             fn = lambda x, t: ref(x)  # noqa: E731
             para, pert = self._candidates(fn, self.qa.splits["forget"])
-            auc = self._mink_auc(batched_logits(fn, self.x, self.device, self.bs))
+            auc = self._mink_auc(token_stats(fn, self.x, self.y, self.device, self.bs)[1])
             self._reference_stats = (truth_ratio(pert, para), auc, fn)
         return self._reference_stats
 
@@ -225,10 +237,9 @@ class QAEvaluator(StreamEvaluator):
         plain = plain and hasattr(getattr(model, "lm", None), "generate")
         self._generate_fn, self._generate_lm = (predict_fn, model.lm) if plain else (None, None)
         try:
-            logits = batched_logits(predict_fn, self.x, self.device, self.bs)
-            mask = self.y != -100
-            self.store.add(label, logits.argmax(1)[mask])
-            metrics = self._metrics(predict_fn, logits)
+            preds, logprobs = token_stats(predict_fn, self.x, self.y, self.device, self.bs)
+            self.store.add(label, preds[self.y != -100])
+            metrics = self._metrics(predict_fn, preds, logprobs)
             self.answers.append((label, self._last_answers))
         finally:
             if model is not None and was_training:
@@ -236,7 +247,7 @@ class QAEvaluator(StreamEvaluator):
         self.history.append(metrics)
         return metrics
 
-    def _metrics(self, fn, logits) -> dict[str, float]:
+    def _metrics(self, fn, preds, logprobs) -> dict[str, float]:
         from lethe.metrics.knowledge import kfr, krr
         from lethe.metrics.tofu import (
             answer_nll,
@@ -253,8 +264,8 @@ class QAEvaluator(StreamEvaluator):
 
         out: dict[str, float] = {}
         split_of = self.stream.test.exp
-        ma = memorisation_accuracy(logits, self.y)
-        true_nll = answer_nll(logits, self.y)
+        ma = memorisation_accuracy(preds, self.y)
+        true_nll = answer_nll(logprobs, self.y)
         answers: dict[str, tuple] = {}
         for s, name in enumerate(self.splits):
             items = self.qa.splits[name]
@@ -285,7 +296,8 @@ class QAEvaluator(StreamEvaluator):
             seqs = self.qa.memorised.get(k) or []
             if seqs:
                 el = extraction_likelihood(lambda ids: fn(ids.to(self.device), torch.zeros(
-                    len(ids), dtype=torch.long, device=self.device)), seqs, self.cfg.el_n)
+                    len(ids), dtype=torch.long, device=self.device)), seqs, self.cfg.el_n,
+                    batch_size=self.bs)
                 out[f"unlearn/{k}_el"] = float(el.nanmean())
         self._last_answers = {k: v[0] for k, v in answers.items()}
         forget_items = self.qa.splits["forget"]
@@ -300,7 +312,7 @@ class QAEvaluator(StreamEvaluator):
         if ref is not None:
             out["unlearn/forget_quality"] = forget_quality(forget_R, ref[0])
             if "unseen" in self.splits:
-                auc = self._mink_auc(logits)
+                auc = self._mink_auc(logprobs)
                 out["unlearn/mink_auc"] = auc
                 out["unlearn/privleak"] = privleak(auc, ref[1])
         return out
@@ -339,4 +351,4 @@ class QAEvaluator(StreamEvaluator):
         return files + ["qa_splits.txt", "qa_answers.csv"]
 
 
-__all__ = ["QAEvaluator", "batched_logits", "hf_greedy"]
+__all__ = ["QAEvaluator", "hf_greedy", "token_stats"]

@@ -20,7 +20,11 @@
 
 Conventions as in :mod:`lethe.metrics.lm`: logits ``[B, V, L]`` (vocabulary second), targets
 ``[B, L]`` int64 aligned with the logits (``targets[:, l]`` is the token position ``l``
-predicts), ``-100`` where a position does not count (prompt, padding).
+predicts), ``-100`` where a position does not count (prompt, padding). The token-level
+metrics (:func:`answer_nll`, :func:`min_k_prob`, :func:`memorisation_accuracy`) also take
+what they reduce — per-token log-probabilities ``[B, L]`` (:func:`token_logprobs`) or argmax
+ids ``[B, L]`` — so an evaluator can keep those instead of the logits: at 32k vocabulary
+and 250-token answers the logits of an evaluation set are tens of gigabytes.
 """
 from __future__ import annotations
 
@@ -48,9 +52,21 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -nll.to(torch.float64)
 
 
-def answer_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL [B] (float64) over the counted positions; nan for a row with none."""
-    lp = token_logprobs(logits, targets)
+def _logprobs(logits_or_logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token log-probabilities [B, L] (float64, 0 where not counted) from logits
+    [B, V, L] or from per-token log-probabilities [B, L] already."""
+    if logits_or_logprobs.dim() == 3:
+        return token_logprobs(logits_or_logprobs, targets)
+    lp = logits_or_logprobs.to(torch.float64)
+    return lp.masked_fill(targets == IGNORE, 0.0)
+
+
+def answer_nll(logits_or_logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL [B] (float64) over the counted positions; nan for a row with none.
+
+    Accepts logits [B, V, L] or per-token log-probabilities [B, L] (:func:`token_logprobs`).
+    """
+    lp = _logprobs(logits_or_logprobs, targets)
     count = (targets != IGNORE).sum(1).to(torch.float64)
     return -lp.sum(1) / count       # 0 / 0 = nan for a row with no counted position
 
@@ -236,13 +252,14 @@ def extraction_likelihood(model_fn, sequences: list[list[int]], n: int = 10, str
     return torch.tensor([sum(s) / len(s) if s else math.nan for s in scores], dtype=torch.float64)
 
 
-def min_k_prob(logits: torch.Tensor, targets: torch.Tensor, k: float = 0.2) -> torch.Tensor:
+def min_k_prob(logits_or_logprobs: torch.Tensor, targets: torch.Tensor, k: float = 0.2) -> torch.Tensor:
     """Min-K% Prob per sequence [B] (float64): mean of the ceil(k·T) lowest token
     log-probabilities over the T counted positions of the row (nan if T = 0).
-    Higher = more likely seen in training."""
+    Higher = more likely seen in training. Accepts logits [B, V, L] or per-token
+    log-probabilities [B, L]."""
     if not 0 < k <= 1:
         raise ValueError(f"min_k_prob: k must be in (0, 1], got {k}")
-    lp = token_logprobs(logits, targets)
+    lp = _logprobs(logits_or_logprobs, targets)
     mask = targets != IGNORE
     T = mask.sum(1)
     # The tolerance keeps float noise (0.28 · 25 = 7.000000000000001) from adding a token.

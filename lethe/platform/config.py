@@ -16,6 +16,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
 from lethe import registry
+from lethe.engine.engine import check_config as check_engine
 from lethe.engine.schedules import LRScheduleConfig
 from lethe.engine.schedules import check_config as check_lr_schedule
 from lethe.errors import ConfigError
@@ -34,7 +35,14 @@ class TrainConfig:
     weight_decay: float = 0.0
     num_workers: int = 0
     log_every_iter: bool = False  # train/loss per iteration instead of per epoch
-    # lr per step (rewarm_cosine | infinite; see lethe/engine/schedules.py); none = constant lr
+    # the training engine (lethe/engine/engine.py), the same for every method:
+    precision: str = "fp32"       # fp32 | bf16-mixed | fp16-mixed (fp32 master weights) | bf16
+    grad_accum_steps: int = 1     # optimizer step every k mini-batches (mean of their losses)
+    grad_clip_norm: float = 0.0   # > 0: clip the total gradient norm before each step
+    gradient_checkpointing: bool = False  # Hugging Face and timm models: recompute activations
+    optimizer_reset: str = "never"  # never | experience: clear optimizer state at each experience
+    # lr per step (rewarm_cosine | infinite | warmup_linear | cosine | step; see
+    # lethe/engine/schedules.py); none = constant lr
     lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
 
 
@@ -179,6 +187,7 @@ def _check_choices(cfg: DictConfig) -> None:
     if cfg.train.lr <= 0:
         raise ConfigError("bad value for 'train.lr': must be > 0")
     check_lr_schedule(cfg.train.lr_schedule)
+    check_engine(cfg.train)
     _check_validation(cfg)
 
 

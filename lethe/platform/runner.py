@@ -215,7 +215,8 @@ class Runner:
         self.current = "setup"
         describe = lambda: self.current  # noqa: E731 - read by plugins at call time
         scheduled = cfg.train.lr_schedule.name != "none"
-        plugins = [TrainProgress(tracker, describe, cfg.train.epochs, log_lr=not scheduled),
+        plugins = [TrainProgress(tracker, describe, cfg.train.epochs, log_lr=not scheduled,
+                                 per_iteration=cfg.train.log_every_iter),
                    FiniteLossCheck(describe)]
         if scheduled:   # sets the lr before every iteration and logs train/lr per step
             from lethe.engine.schedules import LRSchedulePlugin
@@ -234,7 +235,7 @@ class Runner:
         cfg = self.cfg
         ctx = MethodContext(train=cfg.train, device=device, stream=stream, seed=cfg.seed,
                             plugins=plugins,
-                            evaluator=make_avalanche_evaluator(self.tracker, cfg.train.log_every_iter))
+                            evaluator=make_avalanche_evaluator(self.tracker))
         return method_entry.obj(cfg.method, model, ctx)
 
     def _evaluator(self, stream, device):

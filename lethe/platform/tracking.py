@@ -34,7 +34,7 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
     uri = uri or mlflow.get_tracking_uri()
     if uri.startswith("sqlite:"):
-        from sqlalchemy.engine import make_url   # MLflow's SQL stores are SQLAlchemy URLs
+        from sqlalchemy.engine import make_url  # MLflow's SQL stores are SQLAlchemy URLs
 
         url = make_url(uri)
         if not url.database or url.database == ":memory:":
@@ -91,7 +91,6 @@ class Tracker:
     that arrives during it is raised."""
 
     def __init__(self, uri: str | None, experiment: str):
-        import mlflow
         from mlflow.tracking import MlflowClient
 
         self.uri = resolve_tracking_uri(uri)
@@ -226,9 +225,11 @@ def make_avalanche_logger(tracker: Tracker, per_iteration: bool):
     return MLflowLogger()
 
 
-def make_avalanche_evaluator(tracker: Tracker, per_iteration: bool):
-    from avalanche.evaluation.metrics import loss_metrics
+def make_avalanche_evaluator(tracker: Tracker, per_iteration: bool = False):
+    """Avalanche's evaluation plugin with no metric on the training path: train/loss is logged
+    by the runner's TrainProgress from losses summed on the device (Avalanche's loss metric read
+    every iteration's loss on the host, a sync per step). Metrics a method adds to the plugin
+    still reach MLflow through the logger."""
     from avalanche.training.plugins import EvaluationPlugin
 
-    return EvaluationPlugin(loss_metrics(epoch=not per_iteration, minibatch=per_iteration),
-                            loggers=[make_avalanche_logger(tracker, per_iteration)])
+    return EvaluationPlugin(loggers=[make_avalanche_logger(tracker, per_iteration)])

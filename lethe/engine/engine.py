@@ -1,0 +1,188 @@
+"""The training engine: precision, gradient accumulation, clipping, optimizer resets and
+gradient checkpointing, the same for every method (``train.*`` keys).
+
+Built on Lightning Fabric (``lightning_fabric``): its precision plugins do the autocast, the
+fp16 gradient scaler and the true-half conversion, it unscales gradients before clipping and
+steps the optimizer through the scaler, and its strategies are what multi-device runs will use.
+Why Fabric and not Hugging Face Accelerate: Accelerate keeps its settings in process-wide
+singletons (``AcceleratorState``, ``GradientState``), so a second ``Accelerator`` with another
+precision in the same process raises ("AcceleratorState has already been initialized") — that
+breaks notebooks, benchmarks and test suites that run several configs in one process; Fabric
+objects are independent. Fabric is used without wrapping model or optimizer (``setup``):
+Avalanche and several methods replace or edit the optimizer in place between experiences, and
+the engine's calls take whatever optimizer is current.
+
+Precision (``train.precision``):
+
+- ``fp32``: plain fp32 training (a half-precision checkpoint is upcast to fp32).
+- ``bf16-mixed`` / ``fp16-mixed``: fp32 master weights (the model is upcast to fp32 first) with
+  autocast; fp16 adds a dynamic gradient scaler. fp16 autocast exists on CUDA only: on CPU
+  ``fp16-mixed`` runs as ``bf16-mixed`` (said once in the log).
+- ``bf16``: the model and its floating inputs in bfloat16, no master weights (the cheapest in
+  memory; small updates can vanish in bf16 rounding).
+
+Accumulation (``train.grad_accum_steps`` = k): the optimizer steps once every k mini-batches on
+the mean of their losses (each loss is divided by the number of mini-batches in its window; a
+shorter window at the end of an epoch is a mean over its own size), so batch b with k steps
+equals one batch of k·b. ``train.grad_clip_norm`` > 0 clips the total gradient norm (after
+unscaling) before every optimizer step. ``train.optimizer_reset: experience`` clears the
+optimizer state (moments, step counts) at the start of every experience — each stage its own
+fine-tuning, as in HFT.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from contextlib import nullcontext
+
+from lethe.errors import ConfigError
+
+PRECISIONS = {"fp32": "32-true", "bf16-mixed": "bf16-mixed", "fp16-mixed": "16-mixed",
+              "bf16": "bf16-true"}
+OPTIMIZER_RESETS = ("never", "experience")
+log = logging.getLogger("lethe")
+
+
+def check_config(train) -> None:
+    """ConfigError for a bad engine setting (called by the config loader)."""
+    from lethe.registry import suggest
+
+    if train.precision not in PRECISIONS:
+        raise ConfigError(f"bad value for 'train.precision': '{train.precision}'"
+                          f"{suggest(train.precision, PRECISIONS)} (choose one of "
+                          f"{', '.join(PRECISIONS)})")
+    if train.optimizer_reset not in OPTIMIZER_RESETS:
+        raise ConfigError(f"bad value for 'train.optimizer_reset': '{train.optimizer_reset}' "
+                          f"(choose one of {', '.join(OPTIMIZER_RESETS)})")
+    if train.grad_accum_steps < 1:
+        raise ConfigError(f"bad value for 'train.grad_accum_steps': {train.grad_accum_steps} "
+                          "(must be ≥ 1; 1 = no accumulation)")
+    if train.grad_clip_norm < 0:
+        raise ConfigError(f"bad value for 'train.grad_clip_norm': {train.grad_clip_norm} "
+                          "(must be ≥ 0; 0 = no clipping)")
+
+
+class Engine:
+    """Optimisation steps of one run: ``autocast`` around forward + loss, ``backward(loss)`` per
+    mini-batch, ``step(optimizer, model)`` after it (a real step at the end of each
+    accumulation window)."""
+
+    def __init__(self, train, device):
+        import torch
+
+        self.device = torch.device(device)
+        self.precision = str(train.precision)
+        self.accum = int(train.grad_accum_steps)
+        self.clip = float(train.grad_clip_norm)
+        self.optimizer_reset = str(train.optimizer_reset)
+        self.checkpointing = bool(train.gradient_checkpointing)
+        self.fabric = self._fabric()
+        self._window: list[int] = []   # sizes of the accumulation windows left in this epoch
+        self._micro = 0                # mini-batches done in the current window
+
+    def _fabric(self):
+        from lightning_fabric import Fabric
+
+        precision = PRECISIONS[self.precision]
+        if precision == "16-mixed" and self.device.type != "cuda":
+            log.info("train.precision=fp16-mixed: fp16 autocast needs CUDA; running bf16-mixed on %s",
+                     self.device.type)
+            precision = "bf16-mixed"
+        cuda = self.device.type == "cuda"
+        with warnings.catch_warnings():   # Fabric's hints about SLURM and AMP are not ours
+            warnings.simplefilter("ignore")
+            return Fabric(accelerator="cuda" if cuda else "cpu",
+                          devices=[self.device.index or 0] if cuda else 1, precision=precision)
+
+    # --- the model ----------------------------------------------------------------------
+    def prepare_model(self, model):
+        """The dtype policy (fp32 master weights unless ``bf16``) and gradient checkpointing."""
+        import torch
+
+        model.to(torch.bfloat16 if self.precision == "bf16" else torch.float32)
+        if self.checkpointing:
+            enable_gradient_checkpointing(model)
+        return model
+
+    def convert_input(self, x):
+        """Floating inputs in the model's dtype under ``bf16`` (other precisions: unchanged)."""
+        import torch
+
+        if self.precision == "bf16" and isinstance(x, torch.Tensor) and x.is_floating_point():
+            return x.to(torch.bfloat16)
+        return x
+
+    # --- one optimisation step ----------------------------------------------------------
+    def autocast(self):
+        return self.fabric.autocast() if self.precision.endswith("-mixed") else nullcontext()
+
+    def begin_epoch(self, n_batches: int) -> None:
+        """Plan the accumulation windows of an epoch of ``n_batches`` mini-batches."""
+        full, rest = divmod(int(n_batches), self.accum)
+        self._window = [self.accum] * full + ([rest] if rest else [])
+        self._micro = 0
+
+    def window_starts(self) -> bool:
+        return self._micro == 0
+
+    def window_ends(self) -> bool:
+        """True when the mini-batch being processed is the last of its window (a real step)."""
+        size = self._window[0] if self._window else 1
+        return self._micro + 1 >= size
+
+    def backward(self, loss, retain_graph: bool = False) -> None:
+        size = self._window[0] if self._window else 1
+        self.fabric.backward(loss / size if size > 1 else loss, retain_graph=retain_graph)
+
+    def step(self, optimizer, model) -> bool:
+        """Count the mini-batch; at the end of its window clip, step and zero the gradients.
+        Returns whether the optimizer stepped."""
+        if not self.window_ends():
+            self._micro += 1
+            return False
+        if self.clip > 0:
+            self.fabric.clip_gradients(model, optimizer, max_norm=self.clip,
+                                       error_if_nonfinite=False)   # fp16: the scaler skips inf steps
+        self.fabric.strategy.optimizer_step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        if self._window:
+            self._window.pop(0)
+        self._micro = 0
+        return True
+
+    # --- checkpoints --------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The fp16 gradient scaler's state (its scale carries over between experiences)."""
+        scaler = getattr(self.fabric.strategy.precision, "scaler", None)
+        return {"scaler": scaler.state_dict()} if scaler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        scaler = getattr(self.fabric.strategy.precision, "scaler", None)
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+
+    def reset_optimizer(self, optimizer) -> None:
+        """``optimizer_reset: experience``: moments and step counts cleared."""
+        if self.optimizer_reset == "experience":
+            optimizer.state.clear()
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Hugging Face models (``gradient_checkpointing_enable``, also inside lethe's wrappers) and
+    timm models (``set_grad_checkpointing``); ConfigError for a model that has neither."""
+    found = False
+    for module in model.modules():
+        if callable(getattr(module, "gradient_checkpointing_enable", None)):
+            # non-reentrant: works with frozen inputs (LoRA) and gives the same gradients
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            found = True
+        elif callable(getattr(module, "set_grad_checkpointing", None)):
+            module.set_grad_checkpointing(True)
+            found = True
+    if not found:
+        raise ConfigError(f"train.gradient_checkpointing=true but model {type(model).__name__} "
+                          "supports none (Hugging Face and timm models do); set it to false")
+
+
+__all__ = ["Engine", "PRECISIONS", "OPTIMIZER_RESETS", "check_config",
+           "enable_gradient_checkpointing"]
