@@ -220,3 +220,24 @@ def test_resume_with_validation_and_best_selection_equals_uninterrupted_run(tmp_
         hist = lambda c, r: sorted((m.step, m.value) for m in c.get_metric_history(r.info.run_id, key))  # noqa: E731
         assert hist(client_a, run_a) == hist(client_b, run_b), key
     assert whole.final["acc/exp_2"] == resumed.final["acc/exp_2"]
+
+
+def test_concurrent_runs_on_a_new_sqlite_store_all_finish(tmp_path):
+    """Three `lethe run`s started together on a store that does not exist yet: MLflow's schema
+    migration ran in several processes at once and failed runs (`table _alembic_tmp_tags already
+    exists`) or left the file unusable. Now every run finishes and the store stays readable."""
+    uri = f"sqlite:///{tmp_path / 'new.db'}"
+    procs = [subprocess.Popen(LETHE + ["run", "split_digits", "train.epochs=1", f"seed={k}",
+                                       f"tracking.uri={uri}", "tracking.experiment=test",
+                                       f"checkpoint.dir={tmp_path / f'runs{k}'}",
+                                       "eval.save_predictions=false"],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore"}) for k in range(3)]
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e[-1500:] for e in errors]
+    from conftest import mlflow_client
+
+    client = mlflow_client(uri)
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3
+    assert sorted(r.data.params["seed"] for r in runs) == ["0", "1", "2"]

@@ -86,6 +86,42 @@ def _whole(method):
     return wrapper
 
 
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """An exclusive lock for opening a SQLite store (other stores: no lock).
+
+    Several processes opening a store that does not exist yet run MLflow's schema migration at
+    the same time and can break it ("table _alembic_tmp_tags already exists"), leaving a file
+    no later run can use; two may also both create the same experiment. The first process to
+    take the lock creates the schema; the others wait, then find it done. The lock is an
+    ``flock`` on a hidden file next to the database (``.<name>.lock``), not on the database
+    itself: closing another descriptor of the database would drop SQLite's own locks.
+    """
+    import fcntl
+
+    path = sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other stores and in-memory ones)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    return Path(database) if database and database != ":memory:" else None
+
+
 class Tracker:
     """A thin layer over the MLflow client for one run; every write finishes before a Ctrl-C
     that arrives during it is raised."""
@@ -94,10 +130,11 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = resolve_tracking_uri(uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
-            experiment, artifact_location=artifact_root(self.uri, experiment))
+        with store_lock(self.uri):   # schema creation and get-or-create, one process at a time
+            self.client = MlflowClient(tracking_uri=self.uri)
+            exp = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+                experiment, artifact_location=artifact_root(self.uri, experiment))
         self.experiment = experiment
         self.run_id: str | None = None
 
