@@ -48,6 +48,16 @@ def suggest(word: str, candidates) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+def check_choice(key: str, value, choices) -> None:
+    """ConfigError ``bad value for '<key>': '<value>'; did you mean ...? (choose one of ...)``
+    unless ``value`` is one of ``choices``: the one message every enumerated setting gives."""
+    if value not in choices:
+        from lethe.errors import ConfigError
+
+        raise ConfigError(f"bad value for '{key}': '{value}'{suggest(value, choices)} "
+                          f"(choose one of {', '.join(choices)})")
+
+
 _REGISTRIES: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
 
 

@@ -45,15 +45,10 @@ log = logging.getLogger("lethe")
 
 def check_config(train) -> None:
     """ConfigError for a bad engine setting (called by the config loader)."""
-    from lethe.registry import suggest
+    from lethe.registry import check_choice
 
-    if train.precision not in PRECISIONS:
-        raise ConfigError(f"bad value for 'train.precision': '{train.precision}'"
-                          f"{suggest(train.precision, PRECISIONS)} (choose one of "
-                          f"{', '.join(PRECISIONS)})")
-    if train.optimizer_reset not in OPTIMIZER_RESETS:
-        raise ConfigError(f"bad value for 'train.optimizer_reset': '{train.optimizer_reset}' "
-                          f"(choose one of {', '.join(OPTIMIZER_RESETS)})")
+    check_choice("train.precision", train.precision, PRECISIONS)
+    check_choice("train.optimizer_reset", train.optimizer_reset, OPTIMIZER_RESETS)
     if train.grad_accum_steps < 1:
         raise ConfigError(f"bad value for 'train.grad_accum_steps': {train.grad_accum_steps} "
                           "(must be ≥ 1; 1 = no accumulation)")
@@ -125,13 +120,15 @@ class Engine:
     def window_starts(self) -> bool:
         return self._micro == 0
 
+    def _window_size(self) -> int:
+        return self._window[0] if self._window else 1
+
     def window_ends(self) -> bool:
         """True when the mini-batch being processed is the last of its window (a real step)."""
-        size = self._window[0] if self._window else 1
-        return self._micro + 1 >= size
+        return self._micro + 1 >= self._window_size()
 
     def backward(self, loss, retain_graph: bool = False) -> None:
-        size = self._window[0] if self._window else 1
+        size = self._window_size()
         self.fabric.backward(loss / size if size > 1 else loss, retain_graph=retain_graph)
 
     def step(self, optimizer, model) -> bool:

@@ -220,15 +220,11 @@ def _infinite_schedule(cfg: LRScheduleConfig, eta_max: float, low: float, total_
 
 # --- config checks (called by lethe.platform.config) ---------------------------------------
 def check_config(cfg: LRScheduleConfig) -> None:
-    from lethe.registry import suggest
+    from lethe.registry import check_choice
 
     key = "train.lr_schedule"
-    if cfg.name not in NAMES:
-        raise ConfigError(f"bad value for '{key}.name': '{cfg.name}'{suggest(cfg.name, NAMES)} "
-                          f"(choose one of {', '.join(NAMES)})")
-    if cfg.cooldown not in COOLDOWNS:
-        raise ConfigError(f"bad value for '{key}.cooldown': '{cfg.cooldown}'"
-                          f"{suggest(cfg.cooldown, COOLDOWNS)} (choose one of {', '.join(COOLDOWNS)})")
+    check_choice(f"{key}.name", cfg.name, NAMES)
+    check_choice(f"{key}.cooldown", cfg.cooldown, COOLDOWNS)
     if cfg.eta_max is not None and cfg.eta_max <= 0:
         raise ConfigError(f"bad value for '{key}.eta_max': must be > 0 (or null for train.lr)")
     _check_ranges(cfg, key)

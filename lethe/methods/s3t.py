@@ -116,14 +116,11 @@ class S3T(ShardedUnlearner):
     def validate_config(cls, cfg) -> None:
         import math
 
-        from lethe.registry import suggest
+        from lethe.registry import check_choice
 
         super().validate_config(cfg)
         L, B = int(cfg.slices), int(cfg.budget) or int(cfg.slices)
-        if cfg.selection not in SELECTIONS:
-            raise ConfigError(f"bad value for 'method.selection': '{cfg.selection}'"
-                              f"{suggest(cfg.selection, SELECTIONS)} (choose one of "
-                              f"{', '.join(SELECTIONS)})")
+        check_choice("method.selection", cfg.selection, SELECTIONS)
         if int(cfg.lora.rank) < 1:
             raise ConfigError("bad value for 'method.lora.rank': S3T trains LoRA groups on a frozen "
                               "backbone, so the rank must be ≥ 1")

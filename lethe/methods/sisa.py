@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lethe.errors import ConfigError
 from lethe.methods.sharded import ShardedUnlearner
 from lethe.models.lora import LoraOptions
 from lethe.registry import register_method
@@ -48,13 +47,10 @@ class SISA(ShardedUnlearner):
 
     @classmethod
     def validate_config(cls, cfg) -> None:
-        from lethe.registry import suggest
+        from lethe.registry import check_choice
 
         super().validate_config(cfg)
-        if cfg.aggregation not in AGGREGATIONS:
-            raise ConfigError(f"bad value for 'method.aggregation': '{cfg.aggregation}'"
-                              f"{suggest(cfg.aggregation, AGGREGATIONS)} (choose one of "
-                              f"{', '.join(AGGREGATIONS)})")
+        check_choice("method.aggregation", cfg.aggregation, AGGREGATIONS)
 
     def predict(self, x, task_ids):
         import torch

@@ -20,6 +20,7 @@ QA / TOFU (lethe/metrics/qa.py) evaluators extend it, and
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -35,13 +36,14 @@ class Served:
     stats: dict = field(default_factory=dict)   # the method's unlearn_stats() (forget only)
 
 
-class StreamEvaluator:
+class StreamEvaluator(abc.ABC):
     """Shared parts of the protocol; subclasses set ``self.store`` and implement ``evaluate``."""
 
     store: Any   # PredictionStore
 
+    @abc.abstractmethod
     def evaluate(self, predict, label: str, model=None, plain: bool = False):
-        raise NotImplementedError
+        """One evaluation point: run ``predict`` over the data and add a row to the store."""
 
     # --- metrics ------------------------------------------------------------------------
     def n_learned(self) -> int:

@@ -174,10 +174,7 @@ def validate(raw: DictConfig | dict) -> DictConfig:
 
 
 def _check_choices(cfg: DictConfig) -> None:
-    if cfg.train.optimizer not in CHOICES["train.optimizer"]:
-        raise ConfigError(f"bad value for 'train.optimizer': '{cfg.train.optimizer}'"
-                          f"{registry.suggest(cfg.train.optimizer, CHOICES['train.optimizer'])} "
-                          f"(choose one of {', '.join(CHOICES['train.optimizer'])})")
+    registry.check_choice("train.optimizer", cfg.train.optimizer, CHOICES["train.optimizer"])
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
         raise ConfigError(f"bad value for 'device': '{dev}' (use auto, cpu, cuda or cuda:N)")
