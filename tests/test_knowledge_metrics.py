@@ -7,8 +7,23 @@ import pytest
 import torch
 
 from lethe.metrics.knowledge import (
-    ExactEmbedder, HFNLIJudge, MiniLMEmbedder, RuleJudge, brunet_w, entity_score,
-    extract_entities, honore_h, kfr, krr, linguistic_score, load_plugin, nli_label_map, words)
+    ExactEmbedder,
+    HFNLIJudge,
+    MiniLMEmbedder,
+    RuleJudge,
+    brunet_w,
+    entity_score,
+    extract_entities,
+    honore_h,
+    kfr,
+    krr,
+    linguistic_score,
+    load_plugin,
+    ls_tokens,
+    nli_label_map,
+    question_filter,
+    words,
+)
 
 BORN = "Kavel Mordane was born in Vornhal in 1957."                         # 3 entities
 WROTE = "Kavel Mordane wrote The Hollow Lantern and won the Silver Quill Prize in 1980."  # 4
@@ -52,7 +67,40 @@ def test_entity_score_by_hand():
     # truth: {Kavel Mordane, Vornhal, 1957}; prediction: {Kavel Mordane, Brisport, 1957} -> 2/3
     assert entity_score("Kavel Mordane was born in Brisport in 1957.", BORN, ex) == pytest.approx(2 / 3)
     assert entity_score("he was born somewhere long ago.", BORN, ex) == 0.0   # no entities
-    assert entity_score("Kavel Mordane", "he liked tea.", ex) == 1.0          # truth has none
+    # ReLearn: a truth naming nothing scores 0 too (lethe used to give 1)
+    assert entity_score("Kavel Mordane", "he liked tea.", ex) == 0.0
+
+
+class FirstWordEmbedder:
+    """One-hot on an entity's first word: "Vornhal Town" and "Vornhal Bay" both match "Vornhal"."""
+
+    def embed(self, texts):
+        keys = [t.split()[0].lower() for t in texts]
+        index = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+        return torch.nn.functional.one_hot(torch.tensor([index[k] for k in keys]), len(index)).float()
+
+
+def test_entity_score_counts_matched_pairs_and_is_an_exact_fraction():
+    # ReLearn divides the number of matched (prediction, truth) pairs by the truth's entities:
+    # truth {Vornhal}, prediction {Vornhal Town, Vornhal Bay}, both match -> 2 / 1 = 2
+    assert entity_score("Vornhal Town is near Vornhal Bay.", "He lives in Vornhal.", FirstWordEmbedder()) == 2.0
+    # 3 of 10 truth entities matched: exactly 3/10 == 0.3 (float32 would give 0.30000001)
+    ten = "Alpha met Bravo, Charlie, Delta, Echo, Foxtrot, Golf, Hotel, India and Juliet."
+    assert len(extract_entities(ten)) == 10
+    assert entity_score("Alpha, Bravo and Charlie.", ten, ExactEmbedder()) == 0.3
+
+
+def test_question_filter_drops_entities_the_question_gives_away():
+    q = "Where was Kavel Mordane born?"
+    assert question_filter(extract_entities(BORN), q) == ["Vornhal", "1957"]
+    # truth {Vornhal, 1957} vs prediction {Vornhal, 1962} once "Kavel Mordane" is dropped: 1/2
+    # (2/3 without the question)
+    pred = "Kavel Mordane was born in Vornhal in 1962."
+    assert entity_score(pred, BORN, ExactEmbedder(), question=q) == 0.5
+    assert entity_score(pred, BORN, ExactEmbedder()) == pytest.approx(2 / 3)
+    # articles and punctuation are not shared words: "The Hollow Lantern" survives "the ... ?"
+    assert question_filter(["The Hollow Lantern"], "What is the title of the book?") == ["The Hollow Lantern"]
+    assert question_filter(["Kavel Mordane"], None) == ["Kavel Mordane"]
 
 
 # --- NLI rule judge ------------------------------------------------------------------------
@@ -101,7 +149,52 @@ def test_krr_by_hand():
     assert math.isnan(kfr([], [], ex, j))
 
 
+def test_kfr_at_the_boundary_three_of_ten_is_forgotten():
+    # 10 truth entities -> θ1 = 0.3; E = 3/10 = 0.3 <= 0.3 -> forgotten (KFR 1), and retained for
+    # KRR (E >= 0.3): with a float32 E of 0.30000001 KFR would read 0
+    ten = "Alpha met Bravo, Charlie, Delta, Echo, Foxtrot, Golf, Hotel, India and Juliet."
+    ex, j = ExactEmbedder(), RuleJudge()
+    assert kfr(["Alpha, Bravo and Charlie."], [ten], ex, j) == 1.0
+    assert krr(["Alpha, Bravo and Charlie."], [ten], ex, j) == 1.0
+
+
+def test_kfr_threshold_counts_the_truth_entities_left_after_the_question_filter():
+    q = "What did Kavel Mordane write?"
+    pred = "Kavel Mordane wrote The Hollow Lantern."
+    ex, j = ExactEmbedder(), RuleJudge()
+    # without the question: 4 truth entities -> θ1 = 0.3, E = 2/4 = 0.5 > 0.3 -> kept (0)
+    assert kfr([pred], [WROTE], ex, j) == 0.0
+    # with it: "Kavel Mordane" dropped on both sides -> 3 truth entities -> θ1 = 0.5, E = 1/3 -> 1
+    assert kfr([pred], [WROTE], ex, j, questions=[q]) == 1.0
+    with pytest.raises(ValueError, match="2 questions for 1"):
+        kfr([pred], [WROTE], ex, j, questions=[q, q])
+
+
+class RecordingJudge:
+    def __init__(self):
+        self.calls = []
+
+    def judge(self, premise, hypothesis):
+        self.calls.append((premise, hypothesis))
+        return "neutral"
+
+
+def test_nli_premise_is_the_prediction_on_forget_and_the_truth_on_retain():
+    # ReLearn's get_entailment_results: forget=True -> (text=prediction, text_pair=truth)
+    j = RecordingJudge()
+    kfr(["the answer"], [BORN], ExactEmbedder(), j)
+    krr(["the answer"], [BORN], ExactEmbedder(), j)
+    assert j.calls == [("the answer", BORN), (BORN, "the answer")]
+
+
 # --- fluency ----------------------------------------------------------------------------
+
+def test_ls_tokens_are_relearn_s_nltk_tokens():
+    # word_tokenize of the lower-cased text: punctuation kept, "'s" split off, per sentence
+    assert ls_tokens("Kavel Mordane's book, The Lantern. He won.") == [
+        "kavel", "mordane", "'s", "book", ",", "the", "lantern", ".", "he", "won", "."]
+    assert ls_tokens("") == []
+
 
 def test_brunet_and_honore_by_hand():
     tokens = words("The cat saw the dog.")

@@ -156,6 +156,38 @@ def test_step_metrics_after_a_forget_step_use_the_current_model():
     assert m["nfi/prev"] == pytest.approx(2 / 3, abs=1e-12)
 
 
+def test_last_and_average_incremental_accuracy_on_the_hand_table():
+    # PyCIL / PILOT: A_t = hits / samples over the test data of experiences 0..t after step t
+    # A_0 = 2/3 (exp 0), A_1 = (3 + 2)/6 = 5/6, A_2 = (1 + 2 + 2)/9 = 5/9
+    # average incremental accuracy = (2/3 + 5/6 + 5/9)/3 = (12 + 15 + 10)/54 = 37/54
+    m = step_metrics(hand_store(), n_learned=3)
+    assert m["acc/last"] == pytest.approx(5 / 9, abs=1e-12)
+    assert m["acc/avg_incremental"] == pytest.approx(37 / 54, abs=1e-12)
+    m1 = step_metrics(hand_store(("init", "learn:0", "learn:1")), n_learned=2)
+    assert m1["acc/last"] == pytest.approx(5 / 6, abs=1e-12)
+    assert m1["acc/avg_incremental"] == pytest.approx((2 / 3 + 5 / 6) / 2, abs=1e-12)
+    # a forget step is not an incremental step: the mean keeps the learn steps' A_t, acc/last
+    # is the current model's (3 + 0 + 3)/9
+    store = hand_store()
+    store.add("forget:3", preds_from([1, 1, 1, 0, 0, 0, 1, 1, 1]))
+    m2 = step_metrics(store, n_learned=3)
+    assert m2["acc/last"] == pytest.approx(2 / 3, abs=1e-12)
+    assert m2["acc/avg_incremental"] == pytest.approx(37 / 54, abs=1e-12)
+
+
+def test_last_accuracy_is_sample_weighted_not_a_mean_over_experiences():
+    # exp 0 has 1 test sample, exp 1 has 3. After learn:1 the model is wrong on exp 0 and right
+    # on all of exp 1: A_1 = 3/4, while acc/avg_seen = (0 + 1)/2 = 1/2; A_0 = 1/1
+    targets, exp = torch.tensor([0, 1, 1, 1]), torch.tensor([0, 1, 1, 1])
+    store = PredictionStore(targets, exp, torch.zeros_like(exp), torch.arange(4), 2, 3)
+    store.add("learn:0", torch.tensor([0, 2, 2, 2]))
+    store.add("learn:1", torch.tensor([2, 1, 1, 1]))
+    m = step_metrics(store, n_learned=2)
+    assert m["acc/avg_seen"] == pytest.approx(1 / 2, abs=1e-12)
+    assert m["acc/last"] == pytest.approx(3 / 4, abs=1e-12)
+    assert m["acc/avg_incremental"] == pytest.approx((1 + 3 / 4) / 2, abs=1e-12)   # 7/8
+
+
 def test_store_preds_cache_follows_additions_and_load():
     store = hand_store(("init", "learn:0"))
     first = store.preds

@@ -76,6 +76,25 @@ def test_rouge_l_recall_on_the_cat_sat():
     assert M.rouge_l_recall("dog ran", "the cat sat") == 0.0
 
 
+def test_rouge_is_stemmed_as_the_references():
+    # Porter stemmer (rouge-score, use_stemmer=True, as TOFU / open-unlearning / ReLearn):
+    # "books" -> "book" (step 1a drops the plural s): 1 of 1; unstemmed it would be 0
+    assert M.rouge_l_recall("book", "books") == 1.0
+    # "running" -> "run" (1b: -ing, then the double n undoubled), "runs" -> "run": LCS 2 / 2
+    assert M.rouge_l_recall("dogs running", "dog runs") == 1.0
+
+
+def test_rouge1_recall_and_rouge_l_f1_by_hand():
+    got = M.rouge_scores("the cat sat", "the cat sat on the mat")
+    # ROUGE-1 recall: reference unigrams the×2, cat, sat, on, mat (6); clipped overlap
+    # the×1 + cat + sat = 3 -> 3/6. ROUGE-L: P = 3/3, R = 3/6 -> F1 = 2·1·0.5 / 1.5 = 2/3
+    assert got == pytest.approx({"rougeL_recall": 0.5, "rouge1_recall": 0.5, "rougeL_f1": 2 / 3})
+    # order matters for L, not for 1: "sat the cat" vs "the cat sat": unigrams 3/3, LCS 2/3
+    # (P = R = 2/3 -> F1 = 2/3)
+    got = M.rouge_scores("sat the cat", "the cat sat")
+    assert got == pytest.approx({"rougeL_recall": 2 / 3, "rouge1_recall": 1.0, "rougeL_f1": 2 / 3})
+
+
 # ---------------------------------------------------------------- truth ratio, utility
 
 def test_truth_ratio_with_nan_padding_and_truth_score():
@@ -93,6 +112,10 @@ def test_truth_ratio_with_nan_padding_and_truth_score():
     s = M.truth_score(r)
     assert abs(s[0].item() - (1 - math.exp(-0.5))) < 1e-12      # 0.3935
     assert s[1].item() == 0.0                                   # 1 - e^0.5 < 0 -> 0
+    # the forget-set aggregate min(R, 1/R): e^-0.5 and e^0.5 are both e^-0.5 from 1
+    c = M.truth_closeness(r)
+    assert abs(c[0].item() - math.exp(-0.5)) < 1e-12 and abs(c[1].item() - math.exp(-0.5)) < 1e-12
+    assert math.isnan(c[2]) and M.truth_closeness(torch.tensor([1.0])).item() == 1.0
 
 
 def test_model_utility_is_the_harmonic_mean():
@@ -147,6 +170,18 @@ def test_memorisation_accuracy_from_ids_and_from_logits():
     logits = torch.nn.functional.one_hot(preds, 10).float().transpose(1, 2)   # [B, V, L]
     assert torch.equal(M.memorisation_accuracy(logits, targets).nan_to_num(-1),
                        ma.nan_to_num(-1))
+
+
+def test_memorisation_accuracy_without_the_eos_position():
+    # open-unlearning's exact memorisation leaves each row's last counted position (the EOS) out
+    preds = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [1, 9, 1, 1]])
+    targets = torch.tensor([[1, 0, 3, IGN],          # counted 1, 0, 3 -> 1, 0: 1 hit of 2
+                            [IGN, IGN, IGN, 8],      # only the EOS counts -> nothing left: nan
+                            [1, 2, 1, 5]])           # 1, 2, 1 (5 dropped): 2 of 3
+    em = M.memorisation_accuracy(preds, targets, drop_last=True)
+    assert em[0].item() == 0.5 and math.isnan(em[1]) and em[2].item() == pytest.approx(2 / 3)
+    # Jang et al.'s MA counts the EOS: 2/3, 1, 2/4
+    assert M.memorisation_accuracy(preds, targets).tolist() == pytest.approx([2 / 3, 1.0, 0.5])
 
 
 # ---------------------------------------------------------------- greedy generation
@@ -252,33 +287,41 @@ def _logits_with_token_probs(probs, targets):
 def test_min_k_prob_with_ties_and_masked_positions():
     targets = torch.tensor([[0, 1, 0, 1, 0],
                             [1, IGN, 0, 0, IGN],
-                            [IGN, IGN, IGN, IGN, IGN]])
+                            [IGN, IGN, IGN, IGN, IGN],
+                            [IGN, IGN, IGN, IGN, 1]])
     probs = [[0.5, 0.25, 0.25, 0.9, 0.8],
              [0.5, 0.3, 0.1, 0.1, 0.3],      # positions 1 and 4 do not count
+             [0.5, 0.5, 0.5, 0.5, 0.5],
              [0.5, 0.5, 0.5, 0.5, 0.5]]
     logits = _logits_with_token_probs(probs, targets)
     l = math.log
-    # row 0, T = 5. k = 0.2: ceil(1) = 1 lowest -> log .25 (either of the tied pair)
-    # k = 0.4: ceil(2) = 2 -> the tie log .25, log .25; k = 0.5: ceil(2.5) = 3 -> adds log .5
-    # row 1, T = 3 (counted .5, .1, .1). k = 0.2: ceil(0.6) = 1 -> log .1;
-    # k = 0.5: ceil(1.5) = 2 -> the tie log .1, log .1; k = 1: all three
-    expect = {0.2: [l(.25), l(.1)], 0.4: [l(.25), l(.1)],
-              0.5: [(2 * l(.25) + l(.5)) / 3, l(.1)],
-              1.0: [(l(.5) + 2 * l(.25) + l(.9) + l(.8)) / 5, (l(.5) + 2 * l(.1)) / 3]}
+    # n = max(1, floor(k·T)) after the last counted position (EOS) is dropped.
+    # row 0: .8 dropped, T = 4 (.5 .25 .25 .9). k = .2: floor(.8) -> 1: log .25; k = .4:
+    # floor(1.6) = 1; k = .5: 2 -> the tie; k = .75: 3 -> adds log .5; k = 1: all four
+    # row 1: counted .5, .1, .1; the last .1 dropped -> T = 2: n = 1 up to k = .75, 2 at k = 1
+    expect = {0.2: [l(.25), l(.1)], 0.4: [l(.25), l(.1)], 0.5: [l(.25), l(.1)],
+              0.75: [(2 * l(.25) + l(.5)) / 3, l(.1)],
+              1.0: [(l(.5) + 2 * l(.25) + l(.9)) / 4, (l(.5) + l(.1)) / 2]}
     for k, (r0, r1) in expect.items():
         got = M.min_k_prob(logits, targets, k)
         assert got[0].item() == pytest.approx(r0, abs=1e-12), k
         assert got[1].item() == pytest.approx(r1, abs=1e-12), k
-        assert math.isnan(got[2])
+        assert math.isnan(got[2]) and math.isnan(got[3])   # nothing counted / only the EOS
+    # with the EOS kept, row 0 has T = 5: k = .4 -> floor(2) = 2 -> the tie of log .25
+    assert M.min_k_prob(logits, targets, 0.4, drop_last=False)[0].item() == pytest.approx(l(.25))
+    assert M.min_k_prob(logits, targets, 1.0, drop_last=False)[3].item() == pytest.approx(l(.5))
 
 
-def test_min_k_prob_count_is_not_inflated_by_float_noise():
-    # 0.28 * 25 = 7.000000000000001 in floating point: still the 7 lowest, not 8
-    low = [0.01 * (i + 1) for i in range(8)]                 # .01 ... .08, then 17 x .9
-    probs = [low + [0.9] * 17]
-    targets = torch.zeros(1, 25, dtype=torch.long)
-    got = M.min_k_prob(_logits_with_token_probs(probs, targets), targets, 0.28)
-    assert got.item() == pytest.approx(sum(math.log(p) for p in low[:7]) / 7, abs=1e-12)
+def test_min_k_count_is_the_references_int_of_k_times_t():
+    # open-unlearning / Shi et al. take int(len · k) in float64: 0.57 · 100 = 56.99999999999999
+    # -> 56 tokens (and 0.28 · 25 = 7.000000000000001 -> 7). The reference's own formula:
+    for k, T in ((0.57, 100), (0.28, 25)):
+        n = max(1, int(T * k))
+        lp = torch.tensor([[-float(i + 1) for i in range(T)]], dtype=torch.float64)
+        targets = torch.zeros(1, T, dtype=torch.long)
+        got = M.min_k_prob(lp, targets, k, drop_last=False).item()
+        assert got == pytest.approx(-sum(range(T - n + 1, T + 1)) / n, abs=1e-12), (k, T, n)
+    assert max(1, int(100 * 0.57)) == 56
 
 
 def test_mink_auc_and_privleak():
@@ -286,7 +329,13 @@ def test_mink_auc_and_privleak():
     # -1 > -3, -1 > -2, -2 > -3, -2 = -2 (half) -> 3.5 / 4
     assert M.mink_auc([-1.0, -2.0], [-3.0, -2.0]) == 0.875
     assert M.mink_auc([-5.0], [-1.0]) == 0.0
-    # (0.6 - 0.5) / 0.5 * 100 = 20; (0.45 - 0.5) / 0.5 * 100 = -10
-    assert M.privleak(0.6, 0.5) == pytest.approx(20.0)
-    assert M.privleak(0.45, 0.5) == pytest.approx(-10.0)
+    assert M.mink_auc([-1.0, math.nan], [-3.0]) == 1.0        # a row without tokens is left out
+    # MUSE: AUC' = 1 − AUC; PrivLeak = (AUC'_u − AUC'_r) / AUC'_r · 100
+    # not unlearned: AUC 1.0 vs retrained 0.5 -> (0 − 0.5) / 0.5 = −100
+    assert M.privleak(1.0, 0.5) == -100.0
+    # 0.9 vs 0.6 -> (0.1 − 0.4) / 0.4 = −75 (the old formula gave (0.9 − 0.6) / 0.6 = +50)
+    assert M.privleak(0.9, 0.6) == pytest.approx(-75.0)
+    # over-unlearned: 0.3 vs 0.5 -> (0.7 − 0.5) / 0.5 = +40
+    assert M.privleak(0.3, 0.5) == pytest.approx(40.0)
     assert M.privleak(0.5, 0.5) == 0.0
+    assert math.isnan(M.privleak(0.7, 1.0))                  # AUC'_r = 0: undefined

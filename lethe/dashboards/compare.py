@@ -20,6 +20,7 @@ parent the page is also logged as ``compare.html`` on that parent run. Both the 
 from __future__ import annotations
 
 import html
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -290,6 +291,29 @@ def render_page(runs: list[RunData], title: str, subtitle: str) -> str:
             + "".join(sections) + f"<script type='text/javascript'>{SORT_JS}</script></body></html>")
 
 
+def default_page_name(experiment: str) -> str:
+    """``compare-<experiment>.html`` in the current folder. The name comes from the store (on a
+    shared server anyone picks it): every character but letters, digits, ``_``, ``-`` and ``.``
+    becomes ``_``, so ``a/../../x`` cannot reach another folder; leading dots are dropped."""
+    safe = re.sub(r"[^\w.-]+", "_", experiment).lstrip(".") or "experiment"
+    return f"compare-{safe[:150]}.html"
+
+
+def _write_page(out: Path, text: str) -> None:
+    """Write the page; an --out that cannot be a file is the user's to fix (exit 2)."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file name, e.g. --out {out / 'compare.html'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot create the folder {out.parent} "
+                          f"({exc.strerror or exc}); choose a folder you can write") from None
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write the file ({exc.strerror or exc})") from None
+
+
 def write_compare(tracking_uri: str | None = None, experiment: str | None = None,
                   run_ids: list[str] | None = None, out: str | Path | None = None,
                   title: str | None = None, log_to: str | None = "auto") -> ComparePage:
@@ -307,9 +331,8 @@ def write_compare(tracking_uri: str | None = None, experiment: str | None = None
                           f"({len(runs)} runs found)")
     name = experiment or (client.get_experiment(client.get_run(runs[0].run_id).info.experiment_id).name)
     title = title or f"lethe compare: {name}"
-    out = Path(out or f"compare-{name}.html").expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_page(runs, title, f"experiment '{name}' at {uri}"), encoding="utf-8")
+    out = Path(out).expanduser() if out else Path(default_page_name(name))
+    _write_page(out, render_page(runs, title, f"experiment '{name}' at {uri}"))
     parent = None
     if log_to == "auto":
         parents = {T.group_parent(r.tags) for r in runs}

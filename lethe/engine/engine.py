@@ -32,6 +32,7 @@ fine-tuning, as in HFT.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from contextlib import nullcontext
 
@@ -76,8 +77,7 @@ class Engine:
         self._micro = 0                # mini-batches done in the current window
 
     def _fabric(self):
-        from lightning_fabric import Fabric
-
+        Fabric = _import_fabric()
         precision = PRECISIONS[self.precision]
         if precision == "16-mixed" and self.device.type != "cuda":
             log.info("train.precision=fp16-mixed: fp16 autocast needs CUDA; running bf16-mixed on %s",
@@ -162,6 +162,25 @@ class Engine:
         """``optimizer_reset: experience``: moments and step counts cleared."""
         if self.optimizer_reset == "experience":
             optimizer.state.clear()
+
+
+def _import_fabric():
+    """``lightning_fabric.Fabric``, without the process-wide setting its import makes.
+
+    Importing lightning_fabric sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` for the whole process
+    (against CUDA fork-poisoning in its fork-based launchers, which lethe does not use). With it,
+    every ``torch.cuda.is_available()`` loads NVML through ctypes — and torch's optimizers ask
+    at every ``step()``: ≈ 0.7 ms per step on a CPU machine, as much as a small model's whole
+    step. The user's own value of the variable is kept."""
+    before = os.environ.get(_NVML_CHECK)
+    from lightning_fabric import Fabric
+
+    if before is None:
+        os.environ.pop(_NVML_CHECK, None)
+    return Fabric
+
+
+_NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 
 
 def enable_gradient_checkpointing(model) -> None:

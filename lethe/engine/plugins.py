@@ -26,34 +26,33 @@ class RunnerPlugin:
 class FiniteLossCheck(RunnerPlugin):
     """Stops training on a NaN/inf loss, naming where it happened.
 
-    The check costs no host sync per iteration: the first non-finite iteration of the epoch is
-    tracked on the device and read once, at the epoch's end (a GPU keeps running ahead).
+    The check costs no host sync per iteration: each iteration's loss is kept on the device
+    (one detach) and the epoch's losses are checked at once at its end (a GPU keeps running
+    ahead; the weights a NaN reached are not checkpointed, since the run stops here).
     """
 
     def __init__(self, describe_experience):
         self.describe = describe_experience
-        self._first_bad = None
+        self._losses = []
 
     def before_training_epoch(self, strategy, **kwargs):
-        self._first_bad = None
+        self._losses = []
 
     def before_backward(self, strategy, **kwargs):
-        import torch
-
-        loss = strategy.loss.detach().reshape(())
-        if self._first_bad is None:
-            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
-        it = strategy.clock.train_epoch_iterations
-        bad = ~torch.isfinite(loss) & (self._first_bad < 0)
-        self._first_bad = torch.where(bad, torch.full_like(self._first_bad, it), self._first_bad)
-        self._last_loss = loss
+        self._losses.append(strategy.loss.detach())
 
     def after_training_epoch(self, strategy, **kwargs):
-        if self._first_bad is None or int(self._first_bad) < 0:
+        import torch
+
+        if not self._losses:
+            return
+        bad = (~torch.isfinite(torch.stack([v.reshape(()) for v in self._losses]))).nonzero()
+        self._losses = []
+        if len(bad) == 0:
             return
         raise RunError(
             f"non-finite training loss in {self.describe()}, epoch {strategy.clock.train_exp_epochs + 1}, "
-            f"iteration {int(self._first_bad) + 1}: lower train.lr, check the inputs for NaNs, or "
+            f"iteration {int(bad[0]) + 1}: lower train.lr, check the inputs for NaNs, or "
             f"set train.grad_clip_norm")
 
 
@@ -61,9 +60,10 @@ class TrainProgress(RunnerPlugin):
     """A tqdm bar per epoch, ``train/loss`` (the epoch's sample-weighted mean loss, or every
     iteration's with ``per_iteration``) and ``train/lr`` on the iteration axis.
 
-    Losses are summed on the device and read once per epoch (the bar's loss only when the bar
-    redraws), so the training loop has no host sync per iteration. Step axis and values are
-    those of Avalanche's loss metric (``strategy.clock.train_iterations``).
+    Each iteration's loss stays on the device (one detach) and the epoch's are read once, at
+    its end (the bar's loss only when the bar redraws), so the training loop has no host sync
+    per iteration. Step axis and values are those of Avalanche's loss metric
+    (``strategy.clock.train_iterations``).
     log_lr: False when an lr schedule logs train/lr per step itself (LRSchedulePlugin).
     """
 
@@ -72,23 +72,27 @@ class TrainProgress(RunnerPlugin):
         self.tracker, self.describe, self.epochs = tracker, describe_experience, epochs
         self.log_lr, self.per_iteration = log_lr, per_iteration
         self.bar = None
-        self._sum, self._n, self._points = None, 0, []
+        self._losses, self._sizes, self._steps = [], [], []
 
     def before_training_epoch(self, strategy, **kwargs):
         from tqdm.auto import tqdm
 
-        self._sum, self._n, self._points = None, 0, []
+        self._losses, self._sizes, self._steps = [], [], []
         self.bar = tqdm(total=len(strategy.dataloader), leave=False, unit="it", disable=None,
                         desc=f"{self.describe()} epoch {strategy.clock.train_exp_epochs + 1}/{self.epochs}")
 
     def after_training_iteration(self, strategy, **kwargs):
-        loss, n = strategy.loss.detach().float().reshape(()), len(strategy.mb_y)
-        self._sum = loss * n if self._sum is None else self._sum + loss * n
-        self._n += n
+        self._losses.append(strategy.loss.detach())
+        self._sizes.append(len(strategy.mb_y))
         if self.per_iteration:
-            self._points.append((strategy.clock.train_iterations, loss))
+            self._steps.append(strategy.clock.train_iterations)
         if self.bar is not None and self.bar.update(1):   # True only when the bar redraws
-            self.bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+            self.bar.set_postfix(loss=f"{float(self._losses[-1].sum()):.3f}", refresh=False)
+
+    def _epoch_losses(self) -> list[float]:
+        import torch
+
+        return torch.stack([v.reshape(()) for v in self._losses]).double().tolist()
 
     def after_training_epoch(self, strategy, **kwargs):
         if self.bar is not None:
@@ -97,13 +101,13 @@ class TrainProgress(RunnerPlugin):
         if self.tracker is None:
             return
         step = strategy.clock.train_iterations
-        if self.per_iteration and self._points:
-            import torch
-
-            values = torch.stack([v.reshape(()) for _, v in self._points]).tolist()
-            self.tracker.log_series("train/loss", [(s, v) for (s, _), v in zip(self._points, values)])
-        elif self._sum is not None:
-            self.tracker.log_metrics({"train/loss": float(self._sum) / max(self._n, 1)}, step=step)
+        if self._losses:
+            losses = self._epoch_losses()
+            if self.per_iteration:
+                self.tracker.log_series("train/loss", list(zip(self._steps, losses)))
+            else:
+                mean = sum(v * n for v, n in zip(losses, self._sizes)) / max(sum(self._sizes), 1)
+                self.tracker.log_metrics({"train/loss": mean}, step=step)
         if self.log_lr:
             lr = strategy.optimizer.param_groups[0]["lr"]
             self.tracker.log_metrics({"train/lr": lr}, step=step)

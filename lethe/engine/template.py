@@ -7,10 +7,16 @@ clip + optimizer step + zero-grad once per window, and the optimizer reset of
 ``train.optimizer_reset``. Every Avalanche callback fires as in the template's own loop, except
 ``before_update`` / ``after_update``, which fire only when the optimizer really steps (plugins
 that act on updates, such as MOS's adapter merging, see each real update once).
+The loop also fires each per-iteration event only on the plugins that act on it
+(:func:`iteration_hooks`) and, for preloaded tensor datasets, takes its mini-batches by tensor
+indexing instead of Avalanche's per-sample loader (:mod:`lethe.engine.fastdata`): the same
+batches, the same order, at a fraction of the cost.
 """
 from __future__ import annotations
 
 import functools
+
+from lethe.engine.fastdata import TensorBatches, gather
 
 
 @functools.cache
@@ -19,38 +25,120 @@ def engine_template(base: type) -> type:
     return type(f"Engine{base.__name__}", (EngineLoop, base), {})
 
 
+def _template_makes_loader(cls) -> bool:
+    """Whether ``cls`` builds its train loader with Avalanche's own ``make_train_dataloader``
+    (a strategy with its own loader — a sampler, another order — keeps it)."""
+    from avalanche.training.templates.base_sgd import BaseSGDTemplate
+
+    for klass in cls.__mro__:
+        if klass is not EngineLoop and "make_train_dataloader" in vars(klass):
+            return vars(klass)["make_train_dataloader"] is vars(BaseSGDTemplate)["make_train_dataloader"]
+    return False
+
+
+ITERATION_EVENTS = ("before_training_iteration", "before_forward", "after_forward",
+                    "before_backward", "after_backward", "before_update", "after_update",
+                    "after_training_iteration")
+
+
+def iteration_hooks(strategy) -> dict:
+    """Per-iteration event → a callable firing it, calling only the plugins that act on it.
+
+    Avalanche's trigger asks every plugin at every event, and its evaluation plugin answers
+    each by copying the experience and polling its metrics and loggers — with no metric (lethe's
+    default: train/loss comes from TrainProgress) that is all the work there is. Skipped: a
+    plugin's event inherited unchanged from Avalanche's base plugin classes (they do nothing),
+    and the evaluation plugin at an event when it has no metric and no logger of its acts on
+    the event. A strategy class that overrides a trigger (``_before_forward``, ...) keeps it.
+    """
+    from avalanche.training.templates.base_sgd import BaseSGDTemplate
+
+    fire = {}
+    for event in ITERATION_EVENTS:
+        trigger = "_" + event
+        if getattr(type(strategy), trigger) is not getattr(BaseSGDTemplate, trigger):
+            fire[event] = getattr(strategy, trigger)
+            continue
+        hooks = [getattr(p, event) for p in strategy.plugins if _acts(p, event)]
+        fire[event] = functools.partial(_fire_all, strategy, hooks)
+    return fire
+
+
+def _fire_all(strategy, hooks, **kwargs) -> None:
+    for hook in hooks:
+        hook(strategy, **kwargs)
+
+
+def _acts(plugin, event: str) -> bool:
+    from avalanche.logging import BaseLogger
+    from avalanche.training.plugins import EvaluationPlugin
+
+    if isinstance(plugin, EvaluationPlugin):
+        return bool(plugin.metrics) or any(
+            hasattr(logger, event) or type(logger).log_metrics is not BaseLogger.log_metrics
+            for logger in plugin.loggers)
+    if not hasattr(plugin, event):
+        return False
+    owner = next((k for k in type(plugin).__mro__ if event in vars(k)), None)
+    return owner is None or owner.__module__ != "avalanche.core"   # avalanche.core's do nothing
+
+
 class EngineLoop:
     """Mixin for an Avalanche SGD template; ``self.engine`` is set by the method."""
 
     engine = None
 
+    _fast = None   # (the template's loader, TensorBatches standing in for it)
+
+    def make_train_dataloader(self, **kwargs):
+        """The template's loader, and the tensor fast path when it applies (lethe.engine.fastdata):
+        the template's own loader, default arguments but ``shuffle``, a plain tensor dataset."""
+        super().make_train_dataloader(**kwargs)
+        self._fast = None
+        if set(kwargs) - {"num_workers", "shuffle", "pin_memory", "persistent_workers"} \
+                or not _template_makes_loader(type(self)):
+            return
+        columns = gather(self.adapted_dataset)
+        if columns is not None:
+            batches = TensorBatches(columns, self.train_mb_size, kwargs.get("shuffle", True),
+                                    self.device)
+            self._fast = (self.dataloader, batches)
+
+    def _epoch_batches(self):
+        """The fast path's batches unless a plugin replaced the loader since (e.g. replay)."""
+        if self._fast is not None and self._fast[0] is self.dataloader:
+            return self._fast[1]
+        return self.dataloader
+
     def training_epoch(self, **kwargs):
         engine = self.engine
-        engine.begin_epoch(len(self.dataloader))
-        for self.mbatch in self.dataloader:
+        batches = self._epoch_batches()
+        fire = iteration_hooks(self)
+        engine.begin_epoch(len(batches))
+        for self.mbatch in batches:
             if self._stop_training:
                 break
             self._unpack_minibatch()
             self.mbatch[0] = engine.convert_input(self.mbatch[0])
-            self._before_training_iteration(**kwargs)
+            fire["before_training_iteration"](**kwargs)
             if engine.window_starts():
                 self.optimizer.zero_grad(set_to_none=True)
             self.loss = self._make_empty_loss()
-            self._before_forward(**kwargs)
+            fire["before_forward"](**kwargs)
             with engine.autocast():
                 self.mb_output = self.forward()
-                self._after_forward(**kwargs)
+                fire["after_forward"](**kwargs)
                 self.loss += self.criterion()
-            self._before_backward(**kwargs)
+            fire["before_backward"](**kwargs)
             self.backward()
-            self._after_backward(**kwargs)
+            fire["after_backward"](**kwargs)
             if engine.window_ends():
-                self._before_update(**kwargs)
+                fire["before_update"](**kwargs)
                 self.optimizer_step()
-                self._after_update(**kwargs)
+                fire["after_update"](**kwargs)
             else:
                 engine.step(self.optimizer, self.model)   # counts the mini-batch, no step
-            self._after_training_iteration(**kwargs)
+            fire["after_training_iteration"](**kwargs)
 
     def backward(self):
         self.engine.backward(self.loss, retain_graph=self.retain_graph)
@@ -63,4 +151,4 @@ class EngineLoop:
         self.engine.reset_optimizer(self.optimizer)
 
 
-__all__ = ["engine_template", "EngineLoop"]
+__all__ = ["engine_template", "EngineLoop", "iteration_hooks", "ITERATION_EVENTS"]

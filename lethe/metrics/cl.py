@@ -11,6 +11,10 @@ Conventions:
   differs: it is first-value based (R[j, j] − R[i, j]), i.e. −BWT per experience.
 - BWT and FWT as in Lopez-Paz & Ranzato (GEM, NeurIPS 2017), evaluated at step i:
   BWT = mean_{j<i} R[i, j] − R[j, j],  FWT = mean_{1≤j≤i} R[j−1, j] − b[j].
+- Class-incremental accuracy as PyCIL / PILOT report it (Zhou et al., "PyCIL", 2023;
+  Rebuffi et al., iCaRL, CVPR 2017): A_t = accuracy over all test samples of the experiences
+  seen after step t (sample-weighted, not a mean of R[t, j]); "last" = A_t at the newest
+  step, "average incremental accuracy" = mean_{t ≤ i} A_t.
 
 Every function is a few tensor ops: no Python loop over samples or experiences.
 """
@@ -43,6 +47,17 @@ def accuracy_matrix(preds: torch.Tensor, targets: torch.Tensor, exp: torch.Tenso
     """
     sums, counts = _group_accuracy(preds, targets, exp, n_experiences)
     return sums / counts.clamp(min=1)
+
+
+def seen_accuracy(preds: torch.Tensor, targets: torch.Tensor, exp: torch.Tensor, n_experiences: int,
+                  n_seen: torch.Tensor) -> torch.Tensor:
+    """[P] sample-weighted accuracy of each evaluation point on the test samples of
+    experiences 0..n_seen[p]−1 (n_seen clamped to 1..E): PyCIL's per-step total accuracy."""
+    sums, counts = _group_accuracy(preds, targets, exp, n_experiences)
+    cum_hits, cum_counts = sums.cumsum(1), counts.cumsum(0)
+    last = (torch.as_tensor(n_seen, device=sums.device).long().clamp(1, n_experiences) - 1)
+    rows = torch.arange(sums.shape[0], device=sums.device)
+    return cum_hits[rows, last] / cum_counts[last].clamp(min=1)
 
 
 def per_class_accuracy(preds: torch.Tensor, targets: torch.Tensor, n_classes: int) -> torch.Tensor:

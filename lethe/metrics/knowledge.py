@@ -1,20 +1,26 @@
 """Knowledge and fluency metrics of ReLearn (Xu et al., 2025, "ReLearn: Unlearning via
 Learning for Large Language Models"; repo zjunlp/unlearn). See docs/unlearning.md, "ReLearn".
 
-Knowledge, per QA item (prediction = the model's answer, truth = the reference answer):
+Knowledge, per QA item (prediction = the model's answer, truth = the reference answer), as
+ReLearn's evaluation code computes it (evals/evaluate.py of zjunlp/unlearn):
 
-- entity score E: the share of the truth's entities whose best embedding cosine with any
-  entity of the prediction is ≥ 0.8 (0 when the prediction names nothing, 1 when the truth
-  names nothing);
-- an NLI judgement ``judge(truth, prediction)`` ∈ {entailment, neutral, contradiction};
+- entities of both answers, without those that share a word with the question (ReLearn's
+  ``filter_entities`` on the prediction; its entity-extraction prompt asks the same for the
+  truth);
+- entity score E = (number of (prediction entity, truth entity) pairs with embedding cosine
+  ≥ 0.8) / (number of truth entities) — a count of matched pairs, so it can exceed 1 — and
+  E = 0 when either side names nothing; an exact fraction (float64), so 3/10 is 0.3;
+- an NLI judgement ``judge(premise, hypothesis)`` ∈ {entailment, neutral, contradiction}, with
+  the prediction as premise on the forget set and the truth as premise on the retain set;
 - Knowledge Forgetting Rate KFR = mean over forget items of 1[contradiction ∨ E ≤ θ1],
   θ1 = 0.3 (0.5 when the truth has ≤ 3 entities: with few entities one match is already a
   third of the facts, so the bar for "forgotten" is looser);
 - Knowledge Retention Rate KRR = mean over retain items of 1[¬contradiction ∧ E ≥ θ2], θ2 = 0.3.
 
-Fluency, over answer tokens: Brunet's index W = N^(V^−0.165) (lower = richer vocabulary),
-Honoré's statistic H = 100·ln N / (1 − V1/V + 0.1) (higher = richer), and the Linguistic
-Score LS = harmonic mean of 1/(1+PPL), 1/(1+W), H/(1+H).
+Fluency, over ReLearn's tokens (:func:`ls_tokens`: nltk's ``word_tokenize`` of the lower-cased
+answer, punctuation kept, "'s" split): Brunet's index W = N^(V^−0.165) (lower = richer
+vocabulary), Honoré's statistic H = 100·ln N / (1 − V1/V + 0.1) (higher = richer), and the
+Linguistic Score LS = harmonic mean of 1/(1+PPL), 1/(1+W), H/(1+H).
 
 The paper extracts entities and judges entailment with large models; here every part is
 pluggable (:func:`load_plugin`, ``"module:attr"`` specs) and the offline defaults are a
@@ -150,20 +156,41 @@ class MiniLMEmbedder:
         return torch.nn.functional.normalize(torch.cat(chunks).float(), dim=-1)
 
 
+# Lower-case function words: ReLearn's LLM extractor returns core nouns, so its word-overlap
+# filter never sees them; the rule extractor keeps "The" of a title and "of" inside a name,
+# which would otherwise drop "The Hollow Lantern" for any question containing "the".
+_FUNCTION_WORDS = frozenset(("the", "a", "an", "of", "de", "von"))
+
+
+def _content_words(text: str) -> set[str]:
+    return {w for w in ls_tokens(text) if any(c.isalnum() for c in w) and w not in _FUNCTION_WORDS}
+
+
+def question_filter(entities: list[str], question: str | None) -> list[str]:
+    """``entities`` without those sharing a (content) word with ``question`` (ReLearn's
+    ``filter_entities``: an entity the question gives away says nothing of what the answer
+    knows). None: no filtering."""
+    if not question:
+        return list(entities)
+    asked = _content_words(question)
+    return [e for e in entities if not _content_words(e) & asked]
+
+
 def entity_score(prediction: str, truth: str, embedder: Embedder, threshold: float = 0.8,
-                 extractor: Callable[[str], list[str]] = extract_entities) -> float:
-    """E = share of the truth's entities whose best cosine with a prediction entity is
-    ≥ ``threshold``; 0.0 when the prediction has no entities, 1.0 when the truth has none."""
-    truth_ents = extractor(truth)
-    if not truth_ents:
-        return 1.0
-    pred_ents = extractor(prediction)
-    if not pred_ents:
+                 extractor: Callable[[str], list[str]] = extract_entities,
+                 question: str | None = None) -> float:
+    """ReLearn's E: matched (prediction entity, truth entity) pairs with cosine ≥ ``threshold``
+    / number of truth entities, as an exact fraction (it can exceed 1 when one truth entity
+    matches several predicted ones); 0.0 when either side has no entities left after
+    :func:`question_filter`."""
+    truth_ents = question_filter(extractor(truth), question)
+    pred_ents = question_filter(extractor(prediction), question)
+    if not truth_ents or not pred_ents:
         return 0.0
     # One call: ExactEmbedder's one-hot basis is per call, and it is one batch for MiniLM.
-    emb = embedder.embed(truth_ents + pred_ents)
+    emb = embedder.embed(truth_ents + pred_ents).to(torch.float64)
     cos = emb[:len(truth_ents)] @ emb[len(truth_ents):].T
-    return (cos.max(dim=1).values >= threshold).float().mean().item()
+    return int((cos >= threshold).sum()) / len(truth_ents)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,8 +202,25 @@ class Judge(Protocol):
 
 
 def words(text: str) -> list[str]:
-    """Lower-case word tokens (letters, digits, apostrophes)."""
+    """Lower-case word tokens (letters, digits, apostrophes): the rule judge's words."""
     return re.findall(r"[a-z0-9']+", text.lower())
+
+
+@functools.cache
+def _nltk_tokenizers():
+    from nltk.tokenize import NLTKWordTokenizer
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+    # nltk's trained English Punkt model is a separate download; the untrained one splits
+    # sentences the same way except after abbreviations ("Dr. Who" becomes two sentences)
+    return PunktSentenceTokenizer(), NLTKWordTokenizer()
+
+
+def ls_tokens(text: str) -> list[str]:
+    """ReLearn's fluency tokens: nltk's ``word_tokenize`` of the lower-cased text (sentence
+    split, then Treebank rules: punctuation kept as tokens, "'s" and "n't" split off)."""
+    sentences, tokenizer = _nltk_tokenizers()
+    return [t for sent in sentences.tokenize(text.lower()) for t in tokenizer.tokenize(sent)]
 
 
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
@@ -258,32 +302,43 @@ def _check_pairs(predictions: Sequence[str], truths: Sequence[str]) -> None:
         raise ValueError(f"{len(predictions)} predictions for {len(truths)} reference answers")
 
 
+def _questions(questions: Optional[Sequence[str]], n: int) -> Sequence[Optional[str]]:
+    if questions is None:
+        return [None] * n
+    if len(questions) != n:
+        raise ValueError(f"{len(questions)} questions for {n} reference answers")
+    return questions
+
+
 def kfr(predictions: Sequence[str], truths: Sequence[str], embedder: Embedder, judge: Judge,
-        extractor: Callable[[str], list[str]] = extract_entities) -> float:
-    """Knowledge Forgetting Rate over forget items: mean 1[contradiction ∨ E ≤ θ1],
-    θ1 = 0.5 when the truth has ≤ 3 entities, else 0.3. NaN for no items."""
+        extractor: Callable[[str], list[str]] = extract_entities,
+        questions: Optional[Sequence[str]] = None) -> float:
+    """Knowledge Forgetting Rate over forget items: mean 1[contradiction ∨ E ≤ θ1], θ1 = 0.5
+    when the truth has ≤ 3 entities (after the question filter), else 0.3; the NLI premise is
+    the prediction, as ReLearn's forget-side call. NaN for no items."""
     _check_pairs(predictions, truths)
     if not truths:
         return math.nan
     hits = 0
-    for pred, truth in zip(predictions, truths):
-        theta = 0.5 if len(extractor(truth)) <= 3 else 0.3
-        contradicted = judge.judge(truth, pred) == CONTRADICTION
-        hits += contradicted or entity_score(pred, truth, embedder, extractor=extractor) <= theta
+    for pred, truth, q in zip(predictions, truths, _questions(questions, len(truths))):
+        theta = 0.5 if len(question_filter(extractor(truth), q)) <= 3 else 0.3
+        contradicted = judge.judge(pred, truth) == CONTRADICTION
+        hits += contradicted or entity_score(pred, truth, embedder, extractor=extractor, question=q) <= theta
     return hits / len(truths)
 
 
 def krr(predictions: Sequence[str], truths: Sequence[str], embedder: Embedder, judge: Judge,
-        extractor: Callable[[str], list[str]] = extract_entities) -> float:
-    """Knowledge Retention Rate over retain items: mean 1[¬contradiction ∧ E ≥ 0.3].
-    NaN for no items."""
+        extractor: Callable[[str], list[str]] = extract_entities,
+        questions: Optional[Sequence[str]] = None) -> float:
+    """Knowledge Retention Rate over retain items: mean 1[¬contradiction ∧ E ≥ 0.3]; the NLI
+    premise is the truth, as ReLearn's retain-side call. NaN for no items."""
     _check_pairs(predictions, truths)
     if not truths:
         return math.nan
     hits = 0
-    for pred, truth in zip(predictions, truths):
+    for pred, truth, q in zip(predictions, truths, _questions(questions, len(truths))):
         contradicted = judge.judge(truth, pred) == CONTRADICTION
-        hits += not contradicted and entity_score(pred, truth, embedder, extractor=extractor) >= 0.3
+        hits += not contradicted and entity_score(pred, truth, embedder, extractor=extractor, question=q) >= 0.3
     return hits / len(truths)
 
 
@@ -354,4 +409,5 @@ def load_plugin(spec: Optional[str], default: Callable[[], object]):
 __all__ = ["extract_entities", "Embedder", "ExactEmbedder", "MiniLMEmbedder", "mean_pool",
            "entity_score", "Judge", "RuleJudge", "HFNLIJudge", "nli_label_map", "kfr", "krr",
            "brunet_w", "honore_h", "unigram_perplexity", "UNIGRAM_FLOOR", "linguistic_score", "words",
+           "ls_tokens", "question_filter",
            "load_plugin", "ENTAILMENT", "NEUTRAL", "CONTRADICTION"]

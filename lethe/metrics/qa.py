@@ -5,17 +5,23 @@ splits of lethe/scenarios/tofu.py and logs, under ``unlearn/*`` (definitions in
 lethe/metrics/tofu.py and lethe/metrics/knowledge.py, documented in docs/metrics.md):
 
 - TOFU (Maini et al., 2024): per split (forget, retain, real_authors, world_facts) the answer
-  probability, ROUGE-L recall of the greedy answer and the truth ratio; ``model_utility`` =
-  harmonic mean of {prob, ROUGE, mean max(0, 1 − R)} over retain / real_authors / world_facts;
-  ``forget_quality`` = KS-test p-value between the forget-set truth ratios of the evaluated model
-  and of a retain-only model the platform trains with the run's model and train settings. On
-  real_authors / world_facts the probability is TOFU's normalised one, p(a) / Σ p over the
-  true and perturbed answers (the split is multiple choice there).
-- Jang et al. (2023): memorisation accuracy MA (forget vs unseen answers) and EL_n on the
-  memorised (TDEC-style) sequences (forget vs unseen): unlearning is "done" at or below the
-  unseen values.
-- MUSE (Shi et al., 2024): PrivLeak from Min-K% prob AUCs (forget = members, unseen =
-  non-members) of the evaluated and the retain-only model.
+  probability (and those of the paraphrased and perturbed answers), ROUGE of the greedy answer
+  (ROUGE-L recall, ROUGE-1 recall, ROUGE-L F1; stemmed, by ``rouge-score``) and the truth ratio
+  as TOFU reports it (mean min(R, 1/R) on forget and unseen, mean max(0, 1 − R) elsewhere;
+  the mean of R itself under ``<split>_truth_ratio_raw``); ``model_utility`` = harmonic mean
+  of {prob, ROUGE-L recall, truth ratio} over retain / real_authors / world_facts;
+  ``forget_quality`` = KS-test p-value between the forget-set truth ratios of the evaluated
+  model and of a retain-only model the platform trains with the run's model and train
+  settings. On real_authors / world_facts the probability is TOFU's normalised one,
+  p(a) / Σ p over the true and perturbed answers (the split is multiple choice there).
+- Jang et al. (2023): memorisation accuracy MA (forget vs unseen answers; ``_ma_no_eos``:
+  open-unlearning's exact memorisation, without the EOS position) and EL_n on the memorised
+  (TDEC-style) sequences (forget vs unseen): unlearning is "done" at or below the unseen
+  values. Extraction strength per split (Carlini et al., 2021; open-unlearning).
+- Membership inference, forget answers (members) vs unseen answers (non-members), by
+  open-unlearning's attacks (lethe/metrics/mia.py): LOSS, zlib, Min-K% and Min-K%++ AUCs;
+  MUSE's PrivLeak (Shi et al., 2024) from the Min-K% AUCs of the evaluated and the
+  retain-only model.
 - ReLearn (Xu et al., 2025): KFR on forget, KRR on retain, Linguistic Score of the greedy answers
   to the forget (``forget_ls``) and retain (``retain_ls``) questions.
 
@@ -33,26 +39,39 @@ from lethe.errors import ConfigError
 from lethe.metrics.evaluator import PredictionStore
 from lethe.metrics.protocol import StreamEvaluator
 
+# splits the evaluated model should not know: their truth ratio is reported as closeness to 1
+NOT_KNOWN = ("forget", "unseen")
 
-def token_stats(fn, x: torch.Tensor, y: torch.Tensor, device, bs: int = 64
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+
+def token_stats(fn, x: torch.Tensor, y: torch.Tensor, device, bs: int = 64, moments: bool = False
+                ) -> tuple[torch.Tensor, ...]:
     """fn(x) over batches, reduced per batch on ``device`` to what the metrics read: the
     argmax prediction [N, L] (int64) and the log-probability of the target [N, L] (float64,
-    0 where the target is -100) of every position, both on CPU. Only one batch of logits
-    exists at a time, on the device, so host memory does not grow with the vocabulary."""
-    preds, logprobs = [], []
+    0 where the target is -100) of every position, both on CPU; with ``moments`` also the
+    mean and variance [N, L] of log p(·) over the vocabulary (Min-K%++, float64). Only one
+    batch of logits exists at a time, on the device, so host memory does not grow with the
+    vocabulary."""
+    from lethe.metrics.mia import logprob_moments
+
+    cols: list[list[torch.Tensor]] = [[], [], [], []]
     with torch.inference_mode():
         for s in range(0, len(x), bs):
             xb, yb = x[s:s + bs].to(device), y[s:s + bs].to(device)
             logits = fn(xb, torch.zeros(len(xb), dtype=torch.long, device=device)).float()
-            preds.append(logits.argmax(1).cpu())
+            cols[0].append(logits.argmax(1).cpu())
             nll = torch.nn.functional.cross_entropy(logits, yb, ignore_index=-100, reduction="none")
             # float64 on the host only: some accelerators have no float64
-            logprobs.append(-nll.cpu().to(torch.float64))
+            cols[1].append(-nll.cpu().to(torch.float64))
+            if moments:
+                mu, var = logprob_moments(logits)
+                cols[2].append(mu.cpu().to(torch.float64))
+                cols[3].append(var.cpu().to(torch.float64))
             del logits   # freed before the next forward, or two batches of logits peak together
-    if not preds:
-        return (torch.zeros(y.shape, dtype=torch.long), torch.zeros(y.shape, dtype=torch.float64))
-    return torch.cat(preds), torch.cat(logprobs)
+    n = 4 if moments else 2
+    if not cols[0]:
+        empty = [torch.zeros(y.shape, dtype=torch.long)] + [torch.zeros(y.shape, dtype=torch.float64)] * 3
+        return tuple(empty[:n])
+    return tuple(torch.cat(c) for c in cols[:n])
 
 
 def hf_greedy(lm, prompts: list[list[int]], max_new: int, eos: int, device, bs: int = 64) -> list[list[int]]:
@@ -111,9 +130,8 @@ class QAEvaluator(StreamEvaluator):
         self._reference_stats = None
 
     def _pair(self, q, a):
-        from lethe.scenarios.tofu import encode_qa
-
-        return encode_qa(self.qa.tokenizer, q, a)
+        """(prompt ids, answer ids + eos) in the stream's prompt format (scenario.prompt_format)."""
+        return self.qa.encode(q, a)
 
     # --- model passes -----------------------------------------------------------------------
     def _nll(self, fn, pairs) -> torch.Tensor:
@@ -137,17 +155,21 @@ class QAEvaluator(StreamEvaluator):
         pert[torch.arange(k).unsqueeze(0) >= counts.unsqueeze(1)] = float("nan")
         return nll[:, 0], pert
 
-    def _mink_auc(self, logprobs) -> float:
-        """Min-K% prob AUC, forget answers (members) vs unseen answers, from the token
-        log-probabilities of a pass over self.x."""
+    def _mink_auc(self, logprobs, k: float | None = None) -> float:
+        """Min-K% prob AUC (k = scenario.mink_k unless given), forget answers (members) vs
+        unseen answers, from the token log-probabilities of a pass over self.x."""
         from lethe.metrics.tofu import min_k_prob, mink_auc
 
         if "unseen" not in self.splits:
             return float("nan")
-        score = min_k_prob(logprobs, self.y, self.cfg.mink_k)
+        score = min_k_prob(logprobs, self.y, self.cfg.mink_k if k is None else k)
+        return mink_auc(*self._members(score))
+
+    def _members(self, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A per-answer score [N] split into (forget answers, unseen answers)."""
         split_of = self.stream.test.exp
-        return mink_auc(score[split_of == self.splits.index("forget")],
-                        score[split_of == self.splits.index("unseen")])
+        return (score[split_of == self.splits.index("forget")],
+                score[split_of == self.splits.index("unseen")])
 
     def _greedy(self, fn, items) -> tuple[list[str], list[list[int]], list[list[int]]]:
         """Greedy answers (text), their tokens and their prompts."""
@@ -197,9 +219,11 @@ class QAEvaluator(StreamEvaluator):
     def _ls(answers, ppl) -> float:
         """Linguistic Score of a split's greedy answers, aggregated as ReLearn's evaluation does:
         the means over answers of PPL, Brunet's W and Honoré's H, then the harmonic mean of
-        1/(1+PPL), 1/(1+W), H/(1+H). An empty answer counts W = 1000 and H = 0 (so does the
-        reference code); H = 0 for a one-word answer."""
-        from lethe.metrics.knowledge import brunet_w, honore_h, linguistic_score, words
+        1/(1+PPL), 1/(1+W), H/(1+H), over ReLearn's tokens (``ls_tokens``: nltk's, punctuation
+        kept). An empty answer counts W = 1000 and H = 0 (so does the reference code); H = 0
+        for a one-token answer."""
+        from lethe.metrics.knowledge import brunet_w, honore_h, linguistic_score
+        from lethe.metrics.knowledge import ls_tokens as words
 
         if not answers:
             return float("nan")
@@ -237,9 +261,9 @@ class QAEvaluator(StreamEvaluator):
         plain = plain and hasattr(getattr(model, "lm", None), "generate")
         self._generate_fn, self._generate_lm = (predict_fn, model.lm) if plain else (None, None)
         try:
-            preds, logprobs = token_stats(predict_fn, self.x, self.y, self.device, self.bs)
-            self.store.add(label, preds[self.y != -100])
-            metrics = self._metrics(predict_fn, preds, logprobs)
+            stats = token_stats(predict_fn, self.x, self.y, self.device, self.bs, moments=True)
+            self.store.add(label, stats[0][self.y != -100])
+            metrics = self._metrics(predict_fn, *stats)
             self.answers.append((label, self._last_answers))
         finally:
             if model is not None and was_training:
@@ -247,75 +271,120 @@ class QAEvaluator(StreamEvaluator):
         self.history.append(metrics)
         return metrics
 
-    def _metrics(self, fn, preds, logprobs) -> dict[str, float]:
-        from lethe.metrics.knowledge import kfr, krr
+    def _metrics(self, fn, preds, logprobs, mu, var) -> dict[str, float]:
+        from lethe.metrics.tofu import answer_nll, forget_quality, model_utility, privleak
+
+        true_nll = answer_nll(logprobs, self.y)
+        out, answers, forget_R = self._split_metrics(fn, preds, true_nll)
+        out["unlearn/model_utility"] = model_utility(
+            [out[f"unlearn/{n}_{m}"] for n in ("retain", "real_authors", "world_facts") if n in self.splits
+             for m in ("prob", "rouge", "truth_ratio")])
+        out.update(self._el(fn))
+        self._last_answers = {k: v[0] for k, v in answers.items()}
+        ref = self._reference()
+        out.update(self._relearn(fn, answers, ref))
+        if "unseen" in self.splits:
+            out.update(self._mia(true_nll, logprobs, mu, var))
+        if ref is not None:
+            out["unlearn/forget_quality"] = forget_quality(forget_R, ref[0])
+            if "unseen" in self.splits:
+                out["unlearn/privleak"] = privleak(out["unlearn/mink_auc"], ref[1])
+        return out
+
+    def _split_metrics(self, fn, preds, true_nll):
+        """Per split: TOFU's probabilities, truth ratio and ROUGE, MA and extraction strength;
+        also the greedy answers (text, tokens, prompts) and the forget truth ratios R."""
+        from lethe.metrics.mia import extraction_strength
         from lethe.metrics.tofu import (
-            answer_nll,
-            extraction_likelihood,
-            forget_quality,
             memorisation_accuracy,
-            model_utility,
-            privleak,
             probability,
-            rouge_l_recall,
+            rouge_scores,
+            truth_closeness,
             truth_ratio,
             truth_score,
         )
 
         out: dict[str, float] = {}
         split_of = self.stream.test.exp
-        ma = memorisation_accuracy(preds, self.y)
-        true_nll = answer_nll(logprobs, self.y)
+        per_answer = {"ma": memorisation_accuracy(preds, self.y),
+                      "ma_no_eos": memorisation_accuracy(preds, self.y, drop_last=True),
+                      "es": extraction_strength(preds, self.y)}
         answers: dict[str, tuple] = {}
+        forget_R = None
         for s, name in enumerate(self.splits):
-            items = self.qa.splits[name]
-            true = true_nll[split_of == s]
+            items, rows = self.qa.splits[name], split_of == s
             para, pert = self._candidates(fn, items)
             R = truth_ratio(pert, para)
-            if name in ("real_authors", "world_facts"):   # TOFU: normalised over the choices
-                p = torch.cat([(-true).unsqueeze(1), -pert], 1).exp()
-                out[f"unlearn/{name}_prob"] = float((p[:, 0] / p.nansum(1)).mean())
-            else:
-                out[f"unlearn/{name}_prob"] = float(probability(true).mean())
-            out[f"unlearn/{name}_truth_ratio"] = float(R.nanmean())
-            out[f"unlearn/{name}_ma"] = float(ma[split_of == s].mean())
+            out[f"unlearn/{name}_prob"] = self._prob(name, true_nll[rows], pert)
+            out[f"unlearn/{name}_para_prob"] = float(probability(para).mean())
+            out[f"unlearn/{name}_pert_prob"] = float(probability(pert).nanmean(1).nanmean())
+            # TOFU reports the forget set's closeness to 1 and the others' max(0, 1 − R)
+            score = truth_closeness(R) if name in NOT_KNOWN else truth_score(R)
+            out[f"unlearn/{name}_truth_ratio"] = float(score.nanmean())
+            out[f"unlearn/{name}_truth_ratio_raw"] = float(R.nanmean())
+            for key, values in per_answer.items():
+                out[f"unlearn/{name}_{key}"] = float(values[rows].nanmean())
             if name != "unseen":
-                text, toks, prompts = self._greedy(fn, items)
-                answers[name] = (text, toks, prompts)
-                out[f"unlearn/{name}_rouge"] = sum(rouge_l_recall(a, r["answer"]) for a, r in
-                                                   zip(text, items)) / len(items)
-                out[f"_{name}_truth_score"] = float(truth_score(R).nanmean())
+                answers[name] = self._greedy(fn, items)
+                scores = [rouge_scores(a, r["answer"]) for a, r in zip(answers[name][0], items)]
+                for key, suffix in (("rougeL_recall", "rouge"), ("rouge1_recall", "rouge1_recall"),
+                                    ("rougeL_f1", "rougeL_f1")):
+                    out[f"unlearn/{name}_{suffix}"] = sum(sc[key] for sc in scores) / len(items)
             if name == "forget":
                 forget_R = R
-        utility = [out[f"unlearn/{n}_{m}"] if m != "truth" else out[f"_{n}_truth_score"]
-                   for n in ("retain", "real_authors", "world_facts") if n in self.splits
-                   for m in ("prob", "rouge", "truth")]
-        out = {k: v for k, v in out.items() if not k.startswith("_")}
-        out["unlearn/model_utility"] = model_utility(utility)
-        for k in ("forget", "unseen"):   # EL_n on the memorised sequences (Jang et al.)
+        return out, answers, forget_R
+
+    @staticmethod
+    def _prob(name: str, true_nll, pert) -> float:
+        from lethe.metrics.tofu import probability
+
+        if name in ("real_authors", "world_facts"):   # TOFU: normalised over the choices
+            p = torch.cat([(-true_nll).unsqueeze(1), -pert], 1).exp()
+            return float((p[:, 0] / p.nansum(1)).mean())
+        return float(probability(true_nll).mean())
+
+    def _el(self, fn) -> dict[str, float]:
+        """EL_n on the memorised sequences (Jang et al.), forget and unseen."""
+        from lethe.metrics.tofu import extraction_likelihood
+
+        out = {}
+        for k in ("forget", "unseen"):
             seqs = self.qa.memorised.get(k) or []
             if seqs:
                 el = extraction_likelihood(lambda ids: fn(ids.to(self.device), torch.zeros(
                     len(ids), dtype=torch.long, device=self.device)), seqs, self.cfg.el_n,
                     batch_size=self.bs)
                 out[f"unlearn/{k}_el"] = float(el.nanmean())
-        self._last_answers = {k: v[0] for k, v in answers.items()}
-        forget_items = self.qa.splits["forget"]
-        out["unlearn/kfr"] = kfr(answers["forget"][0], [r["answer"] for r in forget_items],
-                                 self.embedder, self.judge)
-        out["unlearn/krr"] = krr(answers["retain"][0], [r["answer"] for r in self.qa.splits["retain"]],
-                                 self.embedder, self.judge)
-        ref = self._reference()
+        return out
+
+    def _relearn(self, fn, answers, ref) -> dict[str, float]:
+        """KFR on forget, KRR on retain, Linguistic Score of both splits' greedy answers."""
+        from lethe.metrics.knowledge import kfr, krr
+
+        out = {}
+        for key, rate, split in (("kfr", kfr, "forget"), ("krr", krr, "retain")):
+            items = self.qa.splits[split]
+            out[f"unlearn/{key}"] = rate(answers[split][0], [r["answer"] for r in items], self.embedder,
+                                         self.judge, questions=[r["question"] for r in items])
         for k in ("forget", "retain"):
             out[f"unlearn/{k}_ls"] = self._ls(answers[k][0], self._answer_ppl(
                 fn, self.qa.splits[k], *answers[k], ref))
-        if ref is not None:
-            out["unlearn/forget_quality"] = forget_quality(forget_R, ref[0])
-            if "unseen" in self.splits:
-                auc = self._mink_auc(logprobs)
-                out["unlearn/mink_auc"] = auc
-                out["unlearn/privleak"] = privleak(auc, ref[1])
         return out
+
+    def _mia(self, true_nll, logprobs, mu, var) -> dict[str, float]:
+        """Membership AUCs, forget answers (members) vs unseen answers (open-unlearning's
+        attacks): LOSS, zlib, Min-K% (scenario.mink_k and 0.2) and Min-K%++."""
+        from lethe.metrics.mia import min_k_plus_plus, zlib_score
+        from lethe.metrics.tofu import mink_auc
+        from lethe.metrics.unlearning import mia_auc
+
+        texts = [r["answer"] for s in self.splits for r in self.qa.splits[s]]
+        return {"unlearn/mia_auc": mia_auc(*self._members(true_nll)),
+                "unlearn/zlib_auc": mia_auc(*self._members(zlib_score(true_nll, texts))),
+                "unlearn/mink_auc": self._mink_auc(logprobs),
+                "unlearn/mink_auc_k20": self._mink_auc(logprobs, 0.2),
+                "unlearn/minkpp_auc": mink_auc(*self._members(
+                    min_k_plus_plus(logprobs, mu, var, self.y, self.cfg.mink_k)))}
 
     # --- the evaluator protocol (lethe/metrics/protocol.py) --------------------------------
     def point_metrics(self, n_learned: int) -> dict[str, float]:

@@ -26,7 +26,17 @@ METRICS: tuple[MetricDoc, ...] = (
               "standard", "Avalanche: Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp00j (same value)"),
     MetricDoc("acc/avg_seen", "mean_{j ≤ i} R[i, j]", "average accuracy over seen experiences",
               "Chaudhry et al., ECCV 2018 (A_k)",
-              "not the 'average incremental accuracy' (mean over steps of acc/avg_seen) some papers report"),
+              "weights seen experiences equally; PyCIL/PILOT's per-step accuracy is sample-weighted "
+              "(acc/last), and their 'average incremental accuracy' is acc/avg_incremental"),
+    MetricDoc("acc/last", "hits / samples over the test data of every experience seen so far, at step i",
+              "last accuracy (sample-weighted over all seen classes)",
+              "Rebuffi et al., iCaRL, CVPR 2017; PyCIL / PILOT (Zhou et al., 2023) 'last accuracy'",
+              "= acc/avg_seen only when the seen experiences have equally many test samples"),
+    MetricDoc("acc/avg_incremental", "mean over learn steps t ≤ i of acc/last after step t (experiences "
+              "0..t seen then)", "average incremental accuracy",
+              "Rebuffi et al., iCaRL, CVPR 2017; PyCIL / PILOT / MOS (e.g. MOS's 93.30 on CIFAR-100 B0 Inc5)",
+              "forget / update steps are not incremental steps and do not enter the mean; "
+              "not the mean of acc/avg_seen (that one weights experiences equally)"),
     MetricDoc("acc/avg_all", "mean_j R[i, j] over all experiences, seen or not", "all-experience accuracy",
               "standard", "Avalanche's Top1_Acc_Stream weights by samples; this weights experiences equally"),
     MetricDoc("forgetting/avg", "mean_{j < i} (max_{l < i} R[l, j] − R[i, j])", "Chaudhry (max-based)",
@@ -142,9 +152,11 @@ METRICS: tuple[MetricDoc, ...] = (
               "retain-set accuracy", "standard", "subsampled (seeded) above 5,000 samples"),
     MetricDoc("unlearn/test_acc", "accuracy on the test samples of the learned experiences",
               "sample-weighted", "standard", "acc/avg_seen weights experiences equally"),
-    MetricDoc("unlearn/mia_auc", "AUC of 'lower loss ⇒ member', forget set vs held-out test samples",
-              "loss-threshold membership inference", "Yeom et al., CSF 2018",
-              "0.5 = deleted samples look unseen; compare with the retrain run's value"),
+    MetricDoc("unlearn/mia_auc", "AUC of 'lower loss ⇒ member', forget set vs held-out test samples; on QA "
+              "streams the answers' mean NLL (EOS included), forget answers vs unseen answers",
+              "loss-threshold (LOSS) membership inference", "Yeom et al., CSF 2018; open-unlearning mia_loss",
+              "0.5 = deleted samples look unseen; compare with the retrain run's value; forget = positive "
+              "class (open-unlearning's scale; MUSE's AUCs are 1 − this)"),
     MetricDoc("unlearn/mia_efficacy", "share of forget samples an SVC (retain = member, test = "
               "non-member, true-class confidence) calls non-members", "MIA-efficacy",
               "Jia et al., NeurIPS 2023", "higher = more forgotten"),
@@ -161,38 +173,85 @@ METRICS: tuple[MetricDoc, ...] = (
     MetricDoc("unlearn/live_seq/shard_<j>", "S3T sequences of shard j with a non-empty prefix",
               "—", "Chowdhury et al., S3T, ICLR 2025"),
     # --- LLM unlearning on TOFU-style QA streams (lethe/metrics/qa.py; at every evaluation point)
+    MetricDoc("unlearn/<name>_para_prob", "mean over items of exp(−mean NLL) of the paraphrased answer",
+              "TOFU probability of the paraphrased answer", "Maini et al., TOFU, 2024 (open-unlearning "
+              "Q_A_PARA_Prob)"),
+    MetricDoc("unlearn/<name>_pert_prob", "mean over items of the mean over perturbed answers of exp(−mean NLL)",
+              "TOFU probability of the perturbed answers", "Maini et al., TOFU, 2024 (open-unlearning "
+              "Q_A_PERT_Prob)"),
     MetricDoc("unlearn/<name>_prob", "mean over the split's items of exp(−mean answer-token NLL) given "
               "the question; on real_authors / world_facts p(a) / Σ p over the true and perturbed answers",
               "TOFU probability (length-normalised)", "Maini et al., TOFU, 2024",
-              "<name> = forget | retain | real_authors | world_facts | unseen"),
-    MetricDoc("unlearn/<name>_rouge", "mean ROUGE-L recall (word LCS / reference words) of the greedy answer",
-              "ROUGE-L recall", "Maini et al., TOFU, 2024 (Lin, 2004)", "lower-cased alphanumeric words"),
-    MetricDoc("unlearn/<name>_truth_ratio", "mean over items of R = exp(NLL_paraphrased − mean_k NLL_perturbed_k)",
-              "truth ratio (geometric mean over perturbed answers / paraphrased answer)",
-              "Maini et al., TOFU, 2024", "the utility uses mean max(0, 1 − R); TOFU's plots show R itself"),
-    MetricDoc("unlearn/<name>_ma", "mean over the split's answers of the share of answer tokens the model's "
-              "teacher-forced argmax predicts", "memorisation accuracy MA", "Jang et al., ACL 2023",
-              "'done' when forget_ma ≤ unseen_ma (authors never trained on)"),
-    MetricDoc("unlearn/model_utility", "harmonic mean of {prob, ROUGE, mean max(0, 1 − R)} over retain, "
+              "<name> = forget | retain | real_authors | world_facts | unseen; EOS counted, as TOFU"),
+    MetricDoc("unlearn/<name>_rouge", "mean ROUGE-L recall (LCS / reference tokens) of the greedy answer, "
+              "rouge-score tokens (lower-cased alphanumeric) with the Porter stemmer",
+              "ROUGE-L recall, stemmed", "Lin, 2004; as TOFU, open-unlearning (rougeL_recall) and ReLearn",
+              "'book' vs 'books' scores 1 (stemmed); feeds model_utility"),
+    MetricDoc("unlearn/<name>_rouge1_recall", "mean ROUGE-1 recall (shared unigrams / reference unigrams), "
+              "stemmed", "ROUGE-1 recall", "Lin, 2004; open-unlearning rouge1_recall, ReLearn"),
+    MetricDoc("unlearn/<name>_rougeL_f1", "mean ROUGE-L F-measure (harmonic mean of LCS precision and recall), "
+              "stemmed", "ROUGE-L F1", "Lin, 2004; open-unlearning rougeL_f1"),
+    MetricDoc("unlearn/<name>_truth_ratio", "R = exp(NLL_paraphrased − mean_k NLL_perturbed_k) per item, "
+              "reported as mean min(R, 1/R) on forget and unseen, mean max(0, 1 − R) on retain, "
+              "real_authors, world_facts", "TOFU truth ratio as reported",
+              "Maini et al., TOFU, 2024 (aggregate_eval_stat.py; open-unlearning closer_to_1_better / "
+              "true_better)", "higher = better on every split; the mean of R itself is <name>_truth_ratio_raw"),
+    MetricDoc("unlearn/<name>_truth_ratio_raw", "mean over items of R (geometric mean over perturbed answers "
+              "/ paraphrased answer)", "truth ratio, unaggregated", "Maini et al., TOFU, 2024",
+              "what unlearn/<name>_truth_ratio meant before this release"),
+    MetricDoc("unlearn/<name>_ma", "mean over the split's answers of the share of answer tokens, EOS "
+              "included, the model's teacher-forced argmax predicts", "memorisation accuracy MA",
+              "Jang et al., ACL 2023", "'done' when forget_ma ≤ unseen_ma (authors never trained on); "
+              "open-unlearning's exact_memorization leaves the EOS out: <name>_ma_no_eos"),
+    MetricDoc("unlearn/<name>_ma_no_eos", "as <name>_ma without each answer's last (EOS) position",
+              "exact memorisation (EM)", "Tirumala et al., NeurIPS 2022; open-unlearning exact_memorization",
+              "about 0.5 / T apart from <name>_ma on a T-token answer"),
+    MetricDoc("unlearn/<name>_es", "mean over answers of 1 − k/T, k = first index from which the teacher-forced "
+              "argmax reproduces the rest of the answer (T tokens, EOS left out; k stops at T − 1)",
+              "extraction strength", "Carlini et al., USENIX Security 2021; Wang et al., ICLR 2025; "
+              "open-unlearning extraction_strength",
+              "as open-unlearning a wrong last token still scores 1/T (the definition gives 0)"),
+    MetricDoc("unlearn/model_utility", "harmonic mean of {prob, ROUGE-L recall, mean max(0, 1 − R)} over retain, "
               "real_authors, world_facts", "TOFU model utility", "Maini et al., TOFU, 2024"),
     MetricDoc("unlearn/forget_quality", "KS-test p-value between the forget-set truth ratios of the model "
               "and of a retain-only model trained by the platform (same model, train settings, seed)",
-              "TOFU forget quality", "Maini et al., TOFU, 2024", "higher = closer to never having seen the data"),
+              "TOFU forget quality", "Maini et al., TOFU, 2024",
+              "higher = closer to never having seen the data; TOFU tests 1/R, open-unlearning R: the KS "
+              "p-value is the same (rank-based)"),
     MetricDoc("unlearn/<name>_el", "mean over memorised (TDEC-style) sequences of EL_n: mean over prefixes "
               "of the n-gram overlap of the greedy continuation with the true suffix (n = scenario.el_n)",
               "extraction likelihood EL_n", "Jang et al., ACL 2023", "<name> = forget | unseen"),
-    MetricDoc("unlearn/mink_auc", "AUC separating forget answers (members) from unseen answers by Min-K% "
-              "prob (k = scenario.mink_k)", "Min-K% prob membership inference", "Shi et al., ICLR 2024"),
-    MetricDoc("unlearn/privleak", "(AUC_model − AUC_retain_only) / AUC_retain_only · 100 of unlearn/mink_auc",
-              "PrivLeak", "Shi et al., MUSE, 2024", "0 = leaks as much as a model that never saw the forget set"),
-    MetricDoc("unlearn/kfr", "mean over forget items of 1[NLI contradiction ∨ E ≤ θ1] (θ1 = 0.3, 0.5 with ≤ 3 "
-              "entities), E = share of the answer's entities matched (cosine ≥ 0.8) in the greedy answer",
-              "knowledge forgetting rate", "Xu et al., ReLearn, 2025",
-              "offline defaults: MiniLM embedder, rule-based entities and NLI judge (scenario.embedder / judge)"),
-    MetricDoc("unlearn/krr", "mean over retain items of 1[not contradiction ∧ E ≥ 0.3]",
-              "knowledge retention rate", "Xu et al., ReLearn, 2025", "same pluggable judges as kfr"),
+    MetricDoc("unlearn/mink_auc", "AUC separating forget answers (members) from unseen answers by Min-K% prob: "
+              "mean of the max(1, ⌊k·T⌋) lowest token log-probs, EOS left out, k = scenario.mink_k (0.4)",
+              "Min-K% prob membership inference", "Shi et al., ICLR 2024; k and EOS as MUSE / open-unlearning "
+              "mia_min_k", "forget = positive class (open-unlearning's scale; MUSE's is 1 − this)"),
+    MetricDoc("unlearn/mink_auc_k20", "unlearn/mink_auc with k = 0.2", "Min-K% prob at Shi et al.'s k = 20%",
+              "Shi et al., ICLR 2024"),
+    MetricDoc("unlearn/minkpp_auc", "AUC of Min-K%++: mean of the max(1, ⌊k·T⌋) lowest (log p(y_t) − μ_t) / σ_t, "
+              "μ_t, σ_t² = mean and variance of log p(·) under the model's next-token distribution, EOS left "
+              "out, k = scenario.mink_k", "Min-K%++ membership inference",
+              "Zhang et al., Min-K%++, 2024; open-unlearning mia_min_k_plus_plus", "σ² clamped at 1e-6"),
+    MetricDoc("unlearn/zlib_auc", "AUC of 'lower mean answer NLL / zlib-compressed bytes of the answer text ⇒ "
+              "member', forget vs unseen answers", "zlib membership inference",
+              "Carlini et al., USENIX Security 2021; open-unlearning mia_zlib"),
+    MetricDoc("unlearn/privleak", "(AUC'_model − AUC'_retain_only) / AUC'_retain_only · 100 with AUC' = "
+              "1 − unlearn/mink_auc (MUSE's holdout-positive AUC)", "PrivLeak",
+              "Shi et al., MUSE, 2024 (Min-40%); open-unlearning privleak",
+              "0 = leaks as much as a model that never saw the forget set; ≈ −100 = not unlearned "
+              "(AUC 1 vs 0.5); > 0 = over-unlearned"),
+    MetricDoc("unlearn/kfr", "mean over forget items of 1[NLI(premise = greedy answer, hypothesis = answer) is "
+              "contradiction ∨ E ≤ θ1] (θ1 = 0.3, 0.5 with ≤ 3 answer entities); E = matched (answer entity, "
+              "greedy-answer entity) pairs with cosine ≥ 0.8 / answer entities, entities sharing a word "
+              "with the question dropped, E = 0 when either side has none",
+              "knowledge forgetting rate", "Xu et al., ReLearn, 2025 (evals/evaluate.py)",
+              "offline defaults: MiniLM embedder, rule-based entities and NLI judge (scenario.embedder / judge); "
+              "E can exceed 1, as ReLearn's pair count"),
+    MetricDoc("unlearn/krr", "mean over retain items of 1[NLI(premise = answer, hypothesis = greedy answer) is "
+              "not contradiction ∧ E ≥ 0.3]", "knowledge retention rate", "Xu et al., ReLearn, 2025",
+              "same E and pluggable judges as kfr"),
     MetricDoc("unlearn/<name>_ls", "harmonic mean of 1/(1+PPL), 1/(1+W), H/(1+H) of the means over the "
-              "split's greedy answers of PPL, W = N^(V^−0.165), H = 100 ln N / (1 − V1/V + 0.1)",
+              "split's greedy answers of PPL, W = N^(V^−0.165), H = 100 ln N / (1 − V1/V + 0.1), over nltk "
+              "word tokens of the lower-cased answer (punctuation kept, \"'s\" split)",
               "Linguistic Score", "Xu et al., ReLearn, 2025",
               "PPL from the evaluated model by default (scenario.ppl_model: self | reference | wordfreq, "
               "a unigram model of English word frequencies | a local causal LM folder — ReLearn's "
@@ -206,6 +265,26 @@ METRICS: tuple[MetricDoc, ...] = (
               "storage cost", "Sun et al., MOS, AAAI 2025"),
     MetricDoc("time/train_s", "wall seconds serving the experience (train / unlearn / update)", "—", "—"),
     MetricDoc("time/eval_s", "wall seconds of the batched evaluation after the experience", "—", "—"),
+)
+
+
+# Keys whose meaning changed, newest release first: (release, key, what changed).
+CHANGELOG: tuple[tuple[str, str, str], ...] = (
+    ("issue 19", "unlearn/privleak", "MUSE's / open-unlearning's sign and denominator: computed on the "
+     "holdout-positive AUC 1 − mink_auc, so a model that has not unlearned reads ≈ −100 (was "
+     "(AUC_u − AUC_r) / AUC_r on the forget-positive AUC: +100 there)"),
+    ("issue 19", "unlearn/<name>_truth_ratio", "TOFU's reported aggregate: mean min(R, 1/R) on forget / unseen, "
+     "mean max(0, 1 − R) elsewhere (was the mean of R, now <name>_truth_ratio_raw)"),
+    ("issue 19", "unlearn/<name>_rouge", "rouge-score's ROUGE-L recall with the Porter stemmer (was "
+     "unstemmed LCS over [a-z0-9]+ words); changes unlearn/model_utility too"),
+    ("issue 19", "unlearn/mink_auc", "max(1, ⌊k·T⌋) lowest log-probs, EOS left out, default k = 0.4 (was "
+     "⌈k·T⌉, EOS counted, k = 0.2; k = 0.2 is now unlearn/mink_auc_k20); changes unlearn/privleak too"),
+    ("issue 19", "unlearn/kfr, unlearn/krr", "ReLearn's rules: no entities → E = 0 (was 1), matched pairs "
+     "counted (E may exceed 1), exact fractions (3/10 = 0.3 meets θ = 0.3), the prediction is the NLI "
+     "premise on forget, entities sharing a word with the question dropped"),
+    ("issue 19", "unlearn/<name>_ls", "ReLearn's tokens: nltk word_tokenize of the lower-cased answer, "
+     "punctuation kept, \"'s\" split (was [a-z0-9']+ words)"),
+    ("issue 19", "unlearn/mia_auc", "also logged on QA streams (answer-NLL LOSS attack, forget vs unseen)"),
 )
 
 
@@ -247,6 +326,10 @@ def as_markdown() -> str:
     for d in METRICS:
         cells = [f"`{d.key}`", d.formula, d.variant, d.source, d.differs or ""]
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    out += ["", "## Changelog", "", "Keys whose meaning changed (the value of an older run is not comparable "
+            "with a newer one under the same key).", "", "| release | key | change |", "|---|---|---|"]
+    for release, key, change in CHANGELOG:
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in (release, f"`{key}`", change)) + " |")
     return "\n".join(out) + "\n"
 
 

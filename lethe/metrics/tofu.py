@@ -2,21 +2,25 @@
 
 - TOFU (Maini et al., "TOFU: A Task of Fictitious Unlearning for LLMs", 2024):
   :func:`probability` of an answer = exp(−mean NLL) (length-normalised p(a|q));
-  :func:`rouge_l_recall` of a greedy answer against the reference; :func:`truth_ratio`
-  R = (geometric mean over perturbed answers of exp(−NLL)) / exp(−NLL of the paraphrased
-  answer) and :func:`truth_score` = max(0, 1 − R); :func:`model_utility` = harmonic mean of
-  those over retain / real-authors / world-facts; :func:`forget_quality` = p-value of the
-  two-sample Kolmogorov–Smirnov test between the forget-set truth ratios of the unlearned
-  model and of a model trained on the retain set only.
+  :func:`rouge_scores` of a greedy answer against the reference (Lin, 2004, with the
+  ``rouge-score`` package and its Porter stemmer, as TOFU, open-unlearning and ReLearn);
+  :func:`truth_ratio` R = (geometric mean over perturbed answers of exp(−NLL)) / exp(−NLL of
+  the paraphrased answer), reported as TOFU does: :func:`truth_score` = max(0, 1 − R) on the
+  splits the model should know and :func:`truth_closeness` = min(R, 1/R) on the forget set;
+  :func:`model_utility` = harmonic mean of {prob, ROUGE, truth score} over retain /
+  real-authors / world-facts; :func:`forget_quality` = p-value of the two-sample
+  Kolmogorov–Smirnov test between the forget-set truth ratios of the unlearned model and of
+  a model trained on the retain set only.
 - Knowledge Unlearning (Jang et al., ACL 2023): :func:`memorisation_accuracy` (MA, teacher
   forced next-token accuracy) and :func:`extraction_likelihood` (EL_n, the mean n-gram
   overlap of greedy continuations of every prefix with the true suffix), built on
   :func:`greedy_generate` and :func:`ngram_overlap`.
 - Min-K% Prob (Shi et al., "Detecting Pretraining Data from Large Language Models", ICLR
-  2024): :func:`min_k_prob`, the mean of the lowest k-share of token log-probabilities.
+  2024): :func:`min_k_prob`, the mean of the lowest max(1, ⌊k·T⌋) token log-probabilities.
 - MUSE (Shi et al., "MUSE: Machine Unlearning Six-Way Evaluation for Language Models",
-  2024): :func:`privleak` = relative gap (in %) between the Min-K% membership AUC
-  (:func:`mink_auc`) of the unlearned model and that of the retrained reference.
+  2024): :func:`privleak` = relative gap (in %) between the membership AUCs of the unlearned
+  model and of the retrained reference, on MUSE's AUC scale (holdout = positive class).
+- The other membership scores and extraction strength are in :mod:`lethe.metrics.mia`.
 
 Conventions as in :mod:`lethe.metrics.lm`: logits ``[B, V, L]`` (vocabulary second), targets
 ``[B, L]`` int64 aligned with the logits (``targets[:, l]`` is the token position ``l``
@@ -28,8 +32,8 @@ and 250-token answers the logits of an evaluation set are tens of gigabytes.
 """
 from __future__ import annotations
 
+import functools
 import math
-import re
 from collections import defaultdict
 
 import torch
@@ -76,28 +80,27 @@ def probability(nll: torch.Tensor) -> torch.Tensor:
     return torch.exp(-torch.as_tensor(nll, dtype=torch.float64))
 
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
+@functools.cache
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    # the references' setting (TOFU, open-unlearning, ReLearn): ROUGE-1 and ROUGE-L, stemmed
+    return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
 
 
-def _lcs(a: list, b: list) -> int:
-    # One row of the DP table at a time: O(len(a) · len(b)) time, O(len(b)) memory.
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
+def rouge_scores(prediction: str, reference: str) -> dict[str, float]:
+    """ROUGE of a prediction against a reference by the ``rouge-score`` package (Lin, 2004;
+    lower-cased alphanumeric tokens, Porter-stemmed): ``rougeL_recall`` (LCS / reference
+    tokens), ``rouge1_recall`` (shared unigrams / reference unigrams) and ``rougeL_f1``.
+    All 0.0 for an empty reference or prediction."""
+    s = _rouge_scorer().score(reference, prediction)
+    return {"rougeL_recall": float(s["rougeL"].recall), "rouge1_recall": float(s["rouge1"].recall),
+            "rougeL_f1": float(s["rougeL"].fmeasure)}
 
 
 def rouge_l_recall(prediction: str, reference: str) -> float:
-    """ROUGE-L recall: LCS of lower-cased word tokens / number of reference tokens (0.0 for
-    an empty reference)."""
-    ref = _words(reference)
-    if not ref:
-        return 0.0
-    return _lcs(_words(prediction), ref) / len(ref)
+    """ROUGE-L recall with the Porter stemmer (see :func:`rouge_scores`)."""
+    return rouge_scores(prediction, reference)["rougeL_recall"]
 
 
 def truth_ratio(perturbed_nll: torch.Tensor, paraphrased_nll: torch.Tensor) -> torch.Tensor:
@@ -113,8 +116,17 @@ def truth_ratio(perturbed_nll: torch.Tensor, paraphrased_nll: torch.Tensor) -> t
 
 
 def truth_score(ratio: torch.Tensor) -> torch.Tensor:
-    """max(0, 1 − R) per item (TOFU's truth-ratio term of model utility uses its mean)."""
+    """max(0, 1 − R) per item: TOFU's truth ratio as reported on the retain, real-authors and
+    world-facts splits (higher = the true answer beats the perturbed ones); model utility
+    uses its mean."""
     return (1 - torch.as_tensor(ratio, dtype=torch.float64)).clamp(min=0)
+
+
+def truth_closeness(ratio: torch.Tensor) -> torch.Tensor:
+    """min(R, 1/R) per item: TOFU's truth ratio as reported on the forget set (1 = the true
+    and the perturbed answers are equally likely, as for a model that never saw them)."""
+    r = torch.as_tensor(ratio, dtype=torch.float64)
+    return torch.minimum(r, 1 / r)
 
 
 def model_utility(values) -> float:
@@ -148,13 +160,27 @@ def forget_quality(r_unlearned, r_reference) -> float:
     return float(ks_2samp(a.cpu().numpy(), b.cpu().numpy(), alternative="two-sided").pvalue)
 
 
-def memorisation_accuracy(logits_or_preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def drop_last_counted(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` [B, L] without each row's last True position (the answer's EOS): what
+    open-unlearning's token statistics leave out ("ignore eos prediction")."""
+    pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask, pos, -1).max(1).values
+    return mask & (pos != last.unsqueeze(1))
+
+
+def memorisation_accuracy(logits_or_preds: torch.Tensor, targets: torch.Tensor,
+                          drop_last: bool = False) -> torch.Tensor:
     """MA per sequence [B] (float64): share of counted positions whose argmax is the target.
 
-    Accepts logits [B, V, L] or predicted ids [B, L]; nan for a row with no counted position.
+    Every counted position by default, the answer's EOS included (Jang et al., 2023: every
+    token of the sequence); ``drop_last``: without each row's last counted position, as
+    open-unlearning's ``exact_memorization`` (Tirumala et al., 2022). Accepts logits
+    [B, V, L] or predicted ids [B, L]; nan for a row with no counted position.
     """
     preds = logits_or_preds.argmax(1) if logits_or_preds.dim() == 3 else logits_or_preds
     mask = targets != IGNORE
+    if drop_last:
+        mask = drop_last_counted(mask)
     hits = ((preds == targets) & mask).sum(1).to(torch.float64)
     return hits / mask.sum(1).to(torch.float64)
 
@@ -252,37 +278,55 @@ def extraction_likelihood(model_fn, sequences: list[list[int]], n: int = 10, str
     return torch.tensor([sum(s) / len(s) if s else math.nan for s in scores], dtype=torch.float64)
 
 
-def min_k_prob(logits_or_logprobs: torch.Tensor, targets: torch.Tensor, k: float = 0.2) -> torch.Tensor:
-    """Min-K% Prob per sequence [B] (float64): mean of the ceil(k·T) lowest token
-    log-probabilities over the T counted positions of the row (nan if T = 0).
-    Higher = more likely seen in training. Accepts logits [B, V, L] or per-token
-    log-probabilities [B, L]."""
+def min_k_prob(logits_or_logprobs: torch.Tensor, targets: torch.Tensor, k: float = 0.4,
+               drop_last: bool = True) -> torch.Tensor:
+    """Min-K% Prob per sequence [B] (float64; Shi et al., ICLR 2024): mean of the
+    n = max(1, ⌊k·T⌋) lowest token log-probabilities over the T counted positions of the row,
+    ⌊k·T⌋ taken in float64 as the references' ``int(len · k)``; nan if T = 0.
+
+    ``drop_last``: the row's last counted position (the answer's EOS) is left out first, as
+    open-unlearning's token statistics do; k = 0.4 is MUSE's and open-unlearning's default.
+    Higher = more likely seen in training (the references report its negation as the attack
+    score). Accepts logits [B, V, L] or per-token log-probabilities [B, L]."""
     if not 0 < k <= 1:
         raise ValueError(f"min_k_prob: k must be in (0, 1], got {k}")
     lp = _logprobs(logits_or_logprobs, targets)
     mask = targets != IGNORE
+    if drop_last:
+        mask = drop_last_counted(mask)
+    return lowest_k_mean(lp, mask, k)
+
+
+def lowest_k_mean(values: torch.Tensor, mask: torch.Tensor, k: float) -> torch.Tensor:
+    """Mean per row of the max(1, ⌊k·T⌋) lowest ``values`` [B, L] where ``mask`` (T of them);
+    nan for a row with T = 0."""
     T = mask.sum(1)
-    # The tolerance keeps float noise (0.28 · 25 = 7.000000000000001) from adding a token.
-    kk = torch.ceil(k * T.to(torch.float64) - 1e-9).clamp(min=1).minimum(T.clamp(min=1))
-    low = lp.masked_fill(~mask, math.inf).sort(1).values     # uncounted positions sort last
-    take = torch.arange(lp.shape[1], device=lp.device).unsqueeze(0) < kk.unsqueeze(1)
-    out = low.masked_fill(~take, 0).sum(1) / kk
+    n = torch.floor(k * T.to(torch.float64)).clamp(min=1).minimum(T.clamp(min=1).to(torch.float64))
+    low = values.to(torch.float64).masked_fill(~mask, math.inf).sort(1).values   # uncounted last
+    take = torch.arange(values.shape[1], device=values.device).unsqueeze(0) < n.unsqueeze(1)
+    out = low.masked_fill(~take, 0).sum(1) / n
     return out.masked_fill(T == 0, math.nan)
 
 
 def mink_auc(member_scores, nonmember_scores) -> float:
-    """AUC of the Min-K% membership attack: P(member's score > non-member's score), ties
-    counting half. Min-K% scores are log-probabilities (higher = member), while
-    :func:`~lethe.metrics.unlearning.mia_auc` takes losses (lower = member), so they are
-    negated. For PrivLeak, members = the forget set, non-members = held-out data."""
+    """AUC of a membership attack whose score is higher for members (Min-K%, Min-K%++):
+    P(member's score > non-member's score), ties counting half; rows with a nan score are
+    left out. :func:`~lethe.metrics.unlearning.mia_auc` takes losses (lower = member), so the
+    scores are negated. For PrivLeak, members = the forget set, non-members = held-out data.
+    This is open-unlearning's ``mia_*`` AUC (it labels the holdout 1 on a loss-like score)."""
     m = torch.as_tensor(member_scores, dtype=torch.float64)
     nm = torch.as_tensor(nonmember_scores, dtype=torch.float64)
-    return mia_auc(-m, -nm)
+    return mia_auc(-m[~m.isnan()], -nm[~nm.isnan()])
 
 
 def privleak(auc_unlearned: float, auc_reference: float) -> float:
-    """MUSE PrivLeak in %: (AUC_unlearned − AUC_retrained) / AUC_retrained · 100.
-    Near 0 = as private as retraining; > 0 under-unlearned; < 0 over-unlearned."""
-    if auc_reference == 0:
+    """MUSE PrivLeak in % (Shi et al., 2024) from two membership AUCs on the usual scale
+    (forget = positive class, as :func:`mink_auc`): MUSE's AUC is 1 − that one (holdout =
+    positive), and PrivLeak = (AUC'_unlearned − AUC'_retrained) / AUC'_retrained · 100 on it,
+    i.e. (AUC_r − AUC_u) / (1 − AUC_r) · 100 here — open-unlearning's ``privleak``.
+    0 = as private as retraining; a model that still remembers the forget set (AUC_u → 1
+    against a retrained 0.5) reads −100; > 0 = over-unlearned. nan when AUC_r = 1."""
+    muse_u, muse_r = 1 - auc_unlearned, 1 - auc_reference
+    if muse_r == 0:
         return float("nan")
-    return (auc_unlearned - auc_reference) / auc_reference * 100
+    return (muse_u - muse_r) / muse_r * 100

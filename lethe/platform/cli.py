@@ -118,7 +118,10 @@ def cmd_run(args) -> int:
     if args.seeds is not None:
         if resume is not None:
             raise ConfigError("--seeds and --resume cannot be combined (resume each seed's run by its id)")
-        return _run_seeds(cfg, args.seeds)
+        from lethe.platform.stores import opening
+
+        with opening(cfg.tracking.uri):   # a bad URI: exit 2 before the parent run exists
+            return _run_seeds(cfg, args.seeds)
     from lethe.platform.runner import run_experiment
 
     result = run_experiment(cfg, resume=resume is not None,
@@ -171,10 +174,10 @@ def cmd_compare(args) -> int:
         else:
             raise ConfigError(f"lethe compare: unknown argument '{item}' (accepted: tracking.uri=URI, "
                               f"tracking.experiment=NAME)")
-    from lethe.platform.tracking import resolve_tracking_uri
+    from lethe.platform.stores import opening
 
-    page = write_compare(resolve_tracking_uri(uri), experiment=experiment, run_ids=runs or None,
-                         out=args.out)
+    with opening(uri) as resolved:
+        page = write_compare(resolved, experiment=experiment, run_ids=runs or None, out=args.out)
     print(page_summary(page))
     return EXIT_OK
 
@@ -194,10 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     # Library callers of run_experiment keep their own logging levels.
     logging.getLogger("lethe").setLevel(logging.INFO)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from lethe.platform.tracking import HTTP_LIMITS
+
+    for key, value in HTTP_LIMITS.items():   # a dead tracking server fails a command in < 1 min
+        os.environ.setdefault(key, value)
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:  # key=value after an option (`sweep C --grid k=1,2 a=b`): argparse leaves them over
-        if args.command not in ("sweep", "compare") or any(x.startswith("-") for x in extra):
+    if extra:  # key=value after an option (`run C --seeds 3 a=b`): argparse leaves them over
+        if args.command not in ("run", "sweep", "compare") or any(x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     # Avalanche 0.6 warns about its own deprecations on every run; they are not the user's.
@@ -218,9 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     except BrokenPipeError:  # `lethe list | head`
         return EXIT_OK
-    except KeyboardInterrupt:
-        print("\nlethe: interrupted; the MLflow run is marked KILLED and the last checkpoint is kept "
-              "(continue with --resume)", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        run_id = getattr(exc, "lethe_run_id", None)   # set by the runner when it ended a run
+        print(f"\nlethe: interrupted; MLflow run {run_id} is marked KILLED and its last checkpoint is "
+              f"kept (continue with --resume {run_id})" if run_id else
+              "\nlethe: interrupted before an MLflow run was started; nothing to resume",
+              file=sys.stderr)
         return EXIT_INTERRUPT
     except LetheError as exc:
         where = getattr(exc, "log_path", None)

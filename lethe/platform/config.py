@@ -110,14 +110,79 @@ def presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def _node_limit(path: Path) -> int:
+    """OmegaConf's cap on YAML nodes after alias expansion, scaled to the file: a document
+    without aliases has fewer nodes than bytes, so a plain long list (12,000 ids of a forget
+    request) parses, while a few lines of nested aliases ("billion laughs") still exceed
+    both this cap and OmegaConf's own alias-expansion ratio check, which stays on."""
+    return max(10_000, path.stat().st_size)
+
+
 def _load_yaml(path: Path) -> DictConfig:
     try:
-        cfg = OmegaConf.load(path)
+        cfg = OmegaConf.load(path, max_yaml_expanded_nodes=_node_limit(path))
     except Exception as exc:  # yaml.YAMLError carries line/column in its message
-        raise ConfigError(f"cannot parse {path}: {' '.join(str(exc).split())}") from None
+        text = " ".join(str(exc).split())
+        if "YAML node expansion" in text or "YAML aliases expand" in text:  # OmegaConf's guard
+            text = (f"its aliases (&name / *name) expand to more than {_node_limit(path)} nodes; "
+                    f"write the values out instead of nesting aliases")
+        raise ConfigError(f"cannot parse {path}: {text}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    refuse_outside_resolvers(cfg, str(path))
     return cfg
+
+
+# Resolvers that only read the config itself. The other built-ins read outside it: oc.env the
+# environment (a YAML file from someone else could copy secrets into a shared store), oc.coerce
+# imports a module named in the value, oc.decode and oc.create turn a plain string into new
+# interpolations, which would hide an oc.env from this check.
+CONFIG_ONLY_RESOLVERS = ("oc.select", "oc.dict.keys", "oc.dict.values", "oc.deprecated")
+ALLOW_ENV = "LETHE_ALLOW_ENV_INTERPOLATION"
+
+
+def _resolver_names(text: str) -> list[str]:
+    """Resolver names in one string value, by OmegaConf's own grammar (a name built from an
+    interpolation, `${${x}:...}`, is returned as written: it is refused as unknown)."""
+    from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser as P
+    from omegaconf.grammar_parser import parse
+
+    try:
+        tree = parse(text)
+    except Exception:  # not valid interpolation syntax: OmegaConf reports it on resolution
+        return []
+    names, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, P.ResolverNameContext):
+            names.append(node.getText())
+        todo.extend(node.getChildren() if hasattr(node, "getChildren") else [])
+    return names
+
+
+def refuse_outside_resolvers(cfg: DictConfig, where: str) -> None:
+    """A ConfigError for any interpolation that reads outside the config (see above);
+    ``${oc.env:...}`` is allowed when the user sets LETHE_ALLOW_ENV_INTERPOLATION=1."""
+    import os
+
+    allowed = CONFIG_ONLY_RESOLVERS + (("oc.env",) if os.environ.get(ALLOW_ENV) == "1" else ())
+    values = OmegaConf.to_container(cfg, resolve=False)
+    todo = [("", values)]
+    while todo:
+        key, node = todo.pop()
+        if isinstance(node, dict):
+            todo += [(f"{key}.{k}" if key else str(k), v) for k, v in node.items()]
+        elif isinstance(node, list):
+            todo += [(f"{key}[{i}]", v) for i, v in enumerate(node)]
+        elif isinstance(node, str) and "${" in node:
+            for name in _resolver_names(node):
+                if name not in allowed:
+                    hint = (f"; to read an environment variable on purpose, set {ALLOW_ENV}=1"
+                            if name == "oc.env" else "")
+                    raise ConfigError(
+                        f"{where}: '{key}: {node}' uses the resolver '{name}', which is refused: "
+                        f"it can read outside the config (allowed: plain ${{key}} references and "
+                        f"{', '.join(allowed)}){hint}")
 
 
 def _parse_overrides(overrides: list[str]) -> DictConfig:
@@ -125,9 +190,11 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value (e.g. method.lr=0.01)")
     try:
-        return OmegaConf.from_dotlist(list(overrides))
+        over = OmegaConf.from_dotlist(list(overrides))
     except Exception as exc:
         raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from None
+    refuse_outside_resolvers(over, "override")
+    return over
 
 
 def load_config(config: str, overrides: list[str] | None = None) -> DictConfig:
@@ -150,9 +217,12 @@ def load_config(config: str, overrides: list[str] | None = None) -> DictConfig:
 
 def validate(raw: DictConfig | dict) -> DictConfig:
     raw = OmegaConf.create(OmegaConf.to_container(raw) if isinstance(raw, DictConfig) else raw)
+    _check_resolvable(raw)
     components = {}
     for node_name in COMPONENTS:
-        components[node_name] = validate_component(node_name, raw.get(node_name))
+        node = raw.get(node_name)   # validated on its own: its ${...} references resolved first
+        node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+        components[node_name] = validate_component(node_name, node)
         raw[node_name] = None
     top_keys = [f.name for f in dataclasses.fields(ExperimentConfig)]
     try:
@@ -168,9 +238,24 @@ def validate(raw: DictConfig | dict) -> DictConfig:
         raise node_error(exc, "", keys) from None
     for node_name, node in components.items():
         cfg[node_name] = node
+    _check_resolvable(cfg)   # again, typed: `seed=${name}` resolves to a string
     _check_choices(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _check_resolvable(raw: DictConfig) -> None:
+    """Every interpolation must resolve: a reference to a missing key is a user error here,
+    not a crash once the run has started. The config keeps its interpolations (a run of
+    `--seeds N` re-resolves `${seed}` per seed)."""
+    refuse_outside_resolvers(raw, "config")
+    try:
+        OmegaConf.to_container(raw, resolve=True)
+    except oc_errors.OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", "") or "?"
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"cannot resolve the value of '{key}': {msg} (a ${{...}} reference must "
+                          f"name a key of the config, e.g. ${{seed}} or ${{train.lr}})") from None
 
 
 def _check_choices(cfg: DictConfig) -> None:

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from lethe import registry
 from lethe.errors import ConfigError, LetheError, RunError
 from lethe.platform import checkpoint as ckpt
+from lethe.platform import stores
 from lethe.platform.config import flatten, to_yaml
 
 log = logging.getLogger("lethe")
@@ -78,7 +79,12 @@ def build_components(cfg: DictConfig):
     check_compatible(method_entry, stream, cfg)
     method_entry.obj.check_stream(cfg.method, stream, cfg.seed)   # e.g. a request empties a SISA shard
     info = ModelInfo(input_shape=stream.input_shape, n_classes=stream.n_classes)
-    model = registry.get("models", cfg.model.name).obj(cfg.model, info)
+    try:
+        model = registry.get("models", cfg.model.name).obj(cfg.model, info)
+    except (ValueError, TypeError, RuntimeError) as exc:  # e.g. torch: "negative dimension -5"
+        settings = ", ".join(f"model.{k}={v}" for k, v in cfg.model.items() if k != "name")
+        raise ConfigError(f"model '{cfg.model.name}' cannot be built with {settings or 'its defaults'}: "
+                          f"{str(exc).splitlines()[0]} (check the model.* values)") from None
     return stream, model, method_entry
 
 
@@ -116,6 +122,20 @@ class Runner:
 
     # --- the whole run ------------------------------------------------------------------
     def run(self) -> RunResult:
+        """The run, under MLflow HTTP limits (a dead server fails it within a minute) and a
+        lock on its run folder (two processes cannot continue one run)."""
+        import contextlib
+
+        from lethe.platform.run_lock import run_folder_lock
+        from lethe.platform.tracking import http_limits
+
+        with http_limits(), contextlib.ExitStack() as self._held:
+            if self.resume_folder is not None:   # before anything touches the run
+                self._held.enter_context(run_folder_lock(self.resume_folder, resuming=True))
+            return self._run()
+
+    def _run(self) -> RunResult:
+        from lethe.platform.run_lock import run_folder_lock
         from lethe.platform.tracking import Tracker
 
         cfg = self.cfg
@@ -124,46 +144,70 @@ class Runner:
         stream, model, method_entry = build_components(cfg)
         if self.expect_fingerprints is not None:
             check_fingerprints(stream, self.expect_fingerprints)
-        meta = {}
-        if self.resume_folder is not None:
-            meta = ckpt.Checkpointer(self.resume_folder.parent, self.resume_folder.name).meta()
-        tracker = Tracker(meta.get("tracking_uri") or cfg.tracking.uri,
-                          meta.get("experiment") or cfg.tracking.experiment)
-        if meta:
-            tracker.resume(meta["run_id"])
-        else:
-            tracker.start(cfg.tracking.run_name or cfg.name, flatten(cfg),
-                          {"lethe.config_hash": self.cfg_hash, "lethe.method": cfg.method.name,
-                           "lethe.scenario": cfg.scenario.name, "lethe.model": cfg.model.name,
-                           **self.tags})
-            tracker.log_text(self.config_yaml, "config.yaml")
-            self._log_environment(tracker, stream)
-        self.tracker = tracker
-        self.checkpointer = ckpt.Checkpointer(cfg.checkpoint.dir, tracker.run_id)
-        self.checkpointer.write_config(self.config_yaml)
-        handler = self._file_log()
-        try:
-            result = self._loop(stream, model, method_entry, device, meta)
+        meta, state = self._resumed_state()   # a damaged checkpoint: refused before the run is touched
+        ckpt.check_root(cfg.checkpoint.dir)
+        with stores.opening(meta.get("tracking_uri") or cfg.tracking.uri) as uri:
+            self.tracker = tracker = Tracker(uri, meta.get("experiment") or cfg.tracking.experiment)
+        # the method is built before its MLflow run exists: a setting it refuses (ConfigError,
+        # exit 2) leaves no run behind, as the README promises
+        plugins = self._plugins(lambda x, t: method.predict(x, t))
+        method = self._method(method_entry, model, stream, device, plugins)
+        evaluator = self._evaluator(stream, device)
+        handler = None
+        try:   # from here on every failure ends the run (FAILED or KILLED), none leaves it RUNNING
+            self._begin(tracker, meta, stream)
+            if self.checkpointer is None:
+                self.checkpointer = ckpt.Checkpointer(cfg.checkpoint.dir, tracker.run_id)
+            if self.resume_folder is None:
+                self._held.enter_context(run_folder_lock(self.checkpointer.dir, resuming=False))
+            self.checkpointer.write_config(self.config_yaml)
+            handler = self._file_log()
+            result = self._loop(stream, method, evaluator, plugins, state)
             tracker.end("FINISHED")
             return result
-        except (KeyboardInterrupt, SystemExit):  # SystemExit: a scheduler preempted the job
-            log.warning("interrupted; checkpoint kept in %s", self.checkpointer.dir)
-            tracker.end("KILLED")
+        except (KeyboardInterrupt, SystemExit) as exc:  # SystemExit: a scheduler preempted the job
+            if tracker.run_id:
+                log.warning("interrupted; checkpoint kept in %s", self.checkpointer and self.checkpointer.dir)
+                tracker.end("KILLED")
+                exc.lethe_run_id = tracker.run_id   # the CLI says which run it marked KILLED
             raise
         except BaseException as exc:
             log.error("run failed: %s\n%s", exc, traceback.format_exc())
             tracker.end("FAILED")
-            if isinstance(exc, LetheError):
+            if isinstance(exc, LetheError) and self.checkpointer is not None:
                 exc.log_path = str(self.checkpointer.log_path)
             raise
         finally:
-            logging.getLogger("lethe").removeHandler(handler)
-            handler.close()
-            if self.checkpointer.log_path.exists():
+            if handler is not None:
+                logging.getLogger("lethe").removeHandler(handler)
+                handler.close()
+            if self.checkpointer is not None and self.checkpointer.log_path.exists() and tracker.run_id:
                 try:
                     tracker.log_file(self.checkpointer.log_path)
                 except Exception:  # a failing store must not hide the original error
                     pass
+
+    def _resumed_state(self) -> tuple[dict, dict | None]:
+        """(meta.json, verified state) of the run being resumed; ({}, None) for a new run. Its
+        Checkpointer is kept: it knows which of its state files are good."""
+        self.checkpointer = None
+        if self.resume_folder is None:
+            return {}, None
+        self.checkpointer = ckpt.Checkpointer(self.resume_folder.parent, self.resume_folder.name)
+        return self.checkpointer.meta(), self.checkpointer.load()
+
+    def _begin(self, tracker, meta: dict, stream) -> None:
+        """Continue the recorded MLflow run, or create a new one with params and environment."""
+        cfg = self.cfg
+        if meta:
+            tracker.resume(meta["run_id"])
+            return
+        tracker.start(cfg.tracking.run_name or cfg.name, flatten(cfg),
+                      {"lethe.config_hash": self.cfg_hash, "lethe.method": cfg.method.name,
+                       "lethe.scenario": cfg.scenario.name, "lethe.model": cfg.model.name,
+                       **self.tags})
+        tracker.log_text(self.config_yaml, "config.yaml")
+        self._log_environment(tracker, stream)
 
     @staticmethod
     def _log_environment(tracker, stream) -> None:
@@ -185,15 +229,12 @@ class Runner:
         logging.getLogger("lethe").addHandler(handler)
         return handler
 
-    def _loop(self, stream, model, method_entry, device, meta) -> RunResult:
+    def _loop(self, stream, method, evaluator, plugins, state) -> RunResult:
         from tqdm.auto import tqdm
 
         n = len(stream.experiences)
-        plugins = self._plugins(lambda x, t: method.predict(x, t))
-        method = self._method(method_entry, model, stream, device, plugins)
-        evaluator = self._evaluator(stream, device)
-        if meta:
-            start = self._restore(method, evaluator, plugins, n)
+        if state is not None:
+            start = self._restore(method, evaluator, plugins, n, state)
         else:
             start = 0
             if self.cfg.eval.initial:
@@ -247,9 +288,8 @@ class Runner:
         return for_stream(stream, device, cfg.eval, cfg.seed,
                           reference=lambda: train_retain_model(cfg, stream, device, cache))
 
-    def _restore(self, method, evaluator, plugins, n: int) -> int:
-        """Load the checkpoint of the run being resumed; returns the next experience index."""
-        state = self.checkpointer.load()
+    def _restore(self, method, evaluator, plugins, n: int, state: dict) -> int:
+        """Restore the checkpoint of the run being resumed; returns the next experience index."""
         method.load_state_dict(state["method"])
         evaluator.load_state_dict(state["evaluator"] if "evaluator" in state else {
             # checkpoints written before the evaluator protocol

@@ -3,13 +3,47 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import os
+import re
 import signal
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 from lethe import __version__
+from lethe.errors import RunError
+
+log = logging.getLogger("lethe")
+
+# MLflow's own HTTP settings, as lethe sets them for its runs unless the user set them. MLflow's
+# defaults (7 retries, backoff factor 2, 120 s per try) keep a run silent for ~4 minutes on each
+# request to a dead server; these give up within a minute: 4 tries of at most 10 s each (per
+# connect or read: a long upload that keeps sending is not cut), 0 + 2 + 4 s of backoff.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+# Marking a run KILLED after Ctrl-C: the user is waiting, so one try of 3 s.
+HTTP_LAST_WORD = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "3", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+
+
+@contextlib.contextmanager
+def http_limits(limits: dict[str, str] = HTTP_LIMITS, override: bool = False):
+    """MLflow's HTTP settings for the block (those the user has not set, or all with
+    ``override``), restored when it ends. MLflow reads them at every request."""
+    saved = {k: os.environ.get(k) for k in limits}
+    for key, value in limits.items():
+        if override or key not in os.environ:
+            os.environ[key] = value
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def git_commit() -> str | None:
@@ -59,11 +93,13 @@ def artifact_root(uri: str, experiment: str) -> str | None:
 
 
 @contextlib.contextmanager
-def deferred_interrupt():
+def deferred_interrupt(enabled: bool = True):
     """Hold Ctrl-C until the block ends, then raise it. An interrupt inside an MLflow write can
     leave a SQLite transaction open: the store stays locked and the run can no longer be
-    marked KILLED ("database is locked"). Only with Python's own SIGINT handler, main thread."""
-    if (threading.current_thread() is not threading.main_thread()
+    marked KILLED ("database is locked"). Only with Python's own SIGINT handler, main thread.
+    Not for a tracking server (``enabled=False``): the server finishes or drops its own
+    transaction, and holding Ctrl-C while a request waits on a dead server ignores it."""
+    if (not enabled or threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield
         return
@@ -80,10 +116,55 @@ def deferred_interrupt():
 def _whole(method):
     """A tracking write that Ctrl-C cannot cut in half (see :func:`deferred_interrupt`)."""
     @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        with deferred_interrupt():
-            return method(*args, **kwargs)
+    def wrapper(self, *args, **kwargs):
+        with deferred_interrupt(enabled=not self.remote):
+            return method(self, *args, **kwargs)
     return wrapper
+
+
+def _network_failure(exc: BaseException):
+    """The requests exception behind an MLflow error when the server could not be reached
+    (refused, timed out, kept answering 5xx); None for any other error (a bad request is not
+    an unreachable server)."""
+    import requests
+
+    kinds = (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+             requests.exceptions.RetryError)
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, kinds):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _reason(failure: BaseException) -> str:
+    import requests
+
+    if isinstance(failure, requests.exceptions.Timeout):
+        return f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT', '120')} s"
+    if isinstance(failure, requests.exceptions.RetryError):
+        return "the server kept answering with an error status"
+    errno = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(failure))
+    return errno.group(1).strip() if errno else "the connection failed"
+
+
+class _GuardedClient:
+    """The MlflowClient of a :class:`Tracker`: every call goes through the tracker's
+    :meth:`Tracker._request`, which turns an unreachable server into one RunError."""
+
+    def __init__(self, client, tracker: Tracker):
+        self._client, self._tracker = client, tracker
+
+    def __getattr__(self, name):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            return self._tracker._request(name, attr, *args, **kwargs)
+        return call
 
 
 @contextlib.contextmanager
@@ -130,13 +211,44 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = resolve_tracking_uri(uri)
+        self.remote = self.uri.split(":", 1)[0] in ("http", "https", "databricks")
+        self.experiment = experiment
+        self.run_id: str | None = None
+        self.unreachable: str | None = None   # the message, once the server could not be reached
+        self._stored: dict[str, set[int]] = {}   # resumed run: the steps of each key it holds
         with store_lock(self.uri):   # schema creation and get-or-create, one process at a time
-            self.client = MlflowClient(tracking_uri=self.uri)
+            self.client = _GuardedClient(MlflowClient(tracking_uri=self.uri), self)
             exp = self.client.get_experiment_by_name(experiment)
             self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
                 experiment, artifact_location=artifact_root(self.uri, experiment))
-        self.experiment = experiment
-        self.run_id: str | None = None
+
+    def _request(self, name: str, call, *args, **kwargs):
+        """One MLflow client call. A server that cannot be reached (MLflow has retried it within
+        :data:`HTTP_LIMITS`) becomes one RunError naming the URI and the failed request; every
+        later request fails at once instead of waiting on the dead server again."""
+        if self.unreachable is not None:
+            raise RunError(self.unreachable)
+        start = time.monotonic()
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            failure = _network_failure(exc)
+            if failure is None:
+                raise
+            self.unreachable = self._unreachable_message(name, exc, failure, time.monotonic() - start)
+            raise RunError(self.unreachable) from exc
+
+    def _unreachable_message(self, name: str, exc: Exception, failure: Exception, seconds: float) -> str:
+        url = re.search(r"API request to (\S+) failed", str(exc))
+        tries = 1 + int(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7"))
+        text = (f"the tracking server {self.uri} is unreachable: {name}"
+                f"{f' ({url.group(1)})' if url else ''} failed after {tries} tries in {seconds:.0f} s "
+                f"({_reason(failure)})")
+        if self.run_id is None:
+            return text + "; start the server, or point tracking.uri at a running one"
+        return text + (f"; MLflow run {self.run_id} stays RUNNING there and its local checkpoint is "
+                       f"kept: when the server is back, continue it with "
+                       f"`lethe run CONFIG --resume {self.run_id}`")
 
     @staticmethod
     def default_uri() -> str:
@@ -159,14 +271,34 @@ class Tracker:
     def resume(self, run_id: str) -> None:
         run = self.client.get_run(run_id)  # raises if the run does not exist
         self.run_id = run.info.run_id
+        # What the interrupted process logged after its last checkpoint is in the run already,
+        # and this process trains that part again; MLflow cannot delete a metric point, so a
+        # point at a step the run already holds for its key is not logged twice.
+        self._stored = {key: {m.step for m in self.client.get_metric_history(run_id, key)}
+                        for key in run.data.metrics}
         self.client.update_run(self.run_id, status="RUNNING")
         self.client.set_tag(self.run_id, "lethe.resumed", "true")
 
     @_whole
     def end(self, status: str) -> None:
-        """status: FINISHED | FAILED | KILLED."""
-        if self.run_id:
+        """status: FINISHED | FAILED | KILLED. FAILED and KILLED end a run that is failing
+        already: a tracking error then is logged, not raised, so that the first error is the
+        one reported; KILLED (Ctrl-C, a preempted job) tries once, briefly."""
+        if not self.run_id:
+            return
+        if status == "FINISHED":
             self.client.set_terminated(self.run_id, status=status)
+            return
+        if self.unreachable is not None:
+            log.warning("run %s stays RUNNING in %s (unreachable); --resume continues it",
+                        self.run_id, self.uri)
+            return
+        last_word = status == "KILLED"
+        try:
+            with http_limits(HTTP_LAST_WORD, override=True) if last_word else contextlib.nullcontext():
+                self.client.set_terminated(self.run_id, status=status)
+        except Exception as exc:
+            log.warning("could not mark run %s %s in %s: %s", self.run_id, status, self.uri, exc)
 
     # --- logging ------------------------------------------------------------------------
     @_whole
@@ -187,12 +319,11 @@ class Tracker:
         self._log_points([(key, step, v) for step, v in points])
 
     def _log_points(self, points: list[tuple[str, int, float]]) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, int(step)) for k, step, v in points]
+        items = [Metric(k, float(v), ts, int(step)) for k, step, v in points
+                 if int(step) not in self._stored.get(k, ())]
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i:i + 500])
 

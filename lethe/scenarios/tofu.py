@@ -4,16 +4,19 @@
 Task of Fictitious Unlearning for LLMs", 2024): ``forget<XX>.json`` and ``retain<YY>.json``
 (training QA), ``forget<XX>_perturbed.json`` / ``retain_perturbed.json`` /
 ``real_authors_perturbed.json`` / ``world_facts_perturbed.json`` (evaluation items with
-paraphrased and perturbed answers), JSON lines or one JSON list. ``path: ""`` writes a
-fictitious-author set with lethe/scenarios/tofu_synthetic.py first (offline, by seed) into
-``cache_dir``, so nothing needs downloading.
+paraphrased and perturbed answers) and, when present, ``holdout<XX>.json`` (TOFU's held-out
+authors: the "unseen" split unless lethe's ``unseen_perturbed.json`` is there), JSON lines or
+one JSON list. ``path: ""`` writes a fictitious-author set with lethe/scenarios/tofu_synthetic.py
+first (offline, by seed) into ``cache_dir``, so nothing needs downloading.
 
 The stream has two experiences: learn (fine-tune on forget ∪ retain, plus the TDEC-style
 memorised sequences of ``memorised.json`` and, with ``train_general``, the real-authors /
 world-facts items — a tiny LM has no pretraining that would know them), then forget (a
-deletion request naming every forget item and forget sequence). Each item is the prompt
-``Question: <q>\\nAnswer:`` followed by the answer and <eos>; the loss counts answer tokens only
-(targets −100 elsewhere), a memorised sequence counts every token. ``Stream.task_type ==
+deletion request naming every forget item and forget sequence). Each item is a prompt followed
+by the answer and <eos> (``scenario.prompt_format``: the tokenizer's chat template when it has
+one, else TOFU's Phi format ``Question: <q>\\nAnswer: <a>``; ``tofu_llama2`` is TOFU's own
+Llama-2 string ``<s>[INST] <q> [/INST]<a>``); the loss counts answer tokens only (targets −100
+elsewhere), a memorised sequence counts every token. ``Stream.task_type ==
 "qa"``: the runner evaluates with :class:`lethe.metrics.qa.QAEvaluator` (TOFU, MA / EL_n,
 PrivLeak, KFR / KRR / Linguistic Score under ``unlearn/*``).
 """
@@ -22,12 +25,15 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass, field
-from typing import Optional
 
 from lethe.errors import ConfigError
 from lethe.registry import register_scenario
 
 PROMPT = "Question: {question}\nAnswer:"
+# TOFU's Llama-2 fine-tuning string (question_start_tag "[INST] ", question_end_tag " [/INST]",
+# answer_tag ""): the answer follows "[/INST]" with no space, unlike Llama-2's chat template
+TOFU_LLAMA2 = "[INST] {question} [/INST]"
+PROMPT_FORMATS = ("auto", "chat_template", "plain", "tofu_llama2")
 EVAL_SPLITS = ("forget", "retain", "real_authors", "world_facts", "unseen")
 
 
@@ -39,6 +45,9 @@ class TofuConfig:
     train_general: bool = False    # also fine-tune on real_authors / world_facts (tiny LMs)
     tokenizer: str = "words"       # words (built from the data) | local HF tokenizer folder
     max_eval: int = 0              # evaluation items per split (0 = all)
+    prompt_format: str = "auto"    # auto (chat_template if the tokenizer has one, else plain) |
+                                   # chat_template | plain ("Question: q\nAnswer: a", TOFU's Phi
+                                   # format) | tofu_llama2 ("<s>[INST] q [/INST]a", TOFU's Llama-2)
     # generated set (path ""): see lethe/scenarios/tofu_synthetic.py
     authors: int = 20
     forget_percent: int = 10
@@ -47,13 +56,18 @@ class TofuConfig:
     cache_dir: str = "~/.cache/lethe/tofu_synthetic"
     # evaluation (lethe/metrics/qa.py)
     el_n: int = 10                 # n of the extraction likelihood EL_n
-    mink_k: float = 0.2            # Min-K% prob (PrivLeak)
+    mink_k: float = 0.4            # Min-K% / Min-K%++ share k (PrivLeak; MUSE's and
+                                   # open-unlearning's default; k = 0.2 is logged as well)
     embedder: str = "minilm"       # KFR/KRR entity matcher: minilm | exact | module:attr
     judge: str = "rule"            # KFR/KRR NLI judge: rule | local NLI model folder | module:attr
     ppl_model: str = "self"        # Linguistic Score perplexity: self | reference (retain-only
                                    # model) | wordfreq (English word frequencies, offline) |
                                    # local causal LM folder (a fluent judge, as ReLearn)
     max_new_tokens: int = 0        # greedy answers (0 = up to the sequence length)
+    retain_model_path: str = ""    # local retain-only model (forget quality, PrivLeak); "" = the
+                                   # platform trains one from the run's initial model
+    checkpoint_saw_forget: bool = False  # model.path was fine-tuned on all of TOFU (forget set
+                                   # included): then retain_model_path is required
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -142,9 +156,57 @@ def make_tokenizer(name: str, texts: list[str]):
     return tok
 
 
-def encode_qa(tok, question: str, answer: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, answer ids + eos)."""
-    return tok.encode(PROMPT.format(question=question)), tok.encode(" " + answer) + [tok.eos]
+def chat_template_of(tok) -> str | None:
+    """The chat template of an HF tokenizer (lethe's word tokenizer has none)."""
+    return getattr(getattr(tok, "tok", None), "chat_template", None) or None
+
+
+def resolve_prompt_format(fmt: str, tok, name: str) -> str:
+    """scenario.prompt_format with ``auto`` decided by the tokenizer ``name``."""
+    if fmt not in PROMPT_FORMATS:
+        raise ConfigError(f"scenario.prompt_format: '{fmt}' is not one of {', '.join(PROMPT_FORMATS)}")
+    has_template = chat_template_of(tok) is not None
+    if fmt == "auto":
+        return "chat_template" if has_template else "plain"
+    if fmt == "chat_template" and not has_template:
+        raise ConfigError(f"scenario.prompt_format: chat_template, but tokenizer '{name}' has no chat "
+                          f"template (tokenizer_config.json 'chat_template'); use prompt_format: plain, "
+                          f"or a tokenizer folder that has one")
+    if fmt == "tofu_llama2" and getattr(getattr(tok, "tok", None), "bos_token_id", None) is None:
+        raise ConfigError(f"scenario.prompt_format: tofu_llama2 starts with <s>, but tokenizer '{name}' "
+                          f"has no BOS token; use prompt_format: plain or a Llama tokenizer folder")
+    return fmt
+
+
+def _answer_after(tok, prompt: list[int], full: list[int]) -> list[int]:
+    """The answer tokens of ``full`` (prompt + answer tokenised as one string) + <eos>. The
+    prompt must tokenise as a prefix of it, or the targets would count prompt tokens."""
+    if full[:len(prompt)] != prompt:
+        raise ConfigError("scenario.prompt_format: the tokenizer splits the prompt differently when the "
+                          "answer follows it, so the answer tokens cannot be told apart; use "
+                          "prompt_format: plain")
+    answer = full[len(prompt):]
+    # chat templates end the assistant turn with their own <eos>: not twice
+    return answer if answer and answer[-1] == tok.eos else answer + [tok.eos]
+
+
+def encode_qa(tok, question: str, answer: str, fmt: str = "plain") -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids + eos) in prompt format ``fmt`` (resolved, not ``auto``)."""
+    if fmt == "plain":   # prompt and answer tokenised apart (lethe's format since the start)
+        return tok.encode(PROMPT.format(question=question)), tok.encode(" " + answer) + [tok.eos]
+    if fmt == "tofu_llama2":   # TOFU tokenises question + answer as one string, BOS first
+        bos = [int(tok.tok.bos_token_id)]
+        text = TOFU_LLAMA2.format(question=question)
+        prompt = bos + tok.encode(text)
+        return prompt, _answer_after(tok, prompt, bos + tok.encode(text + answer))
+    if fmt == "chat_template":   # open-unlearning: the rendered turn with and without the answer
+        user = {"role": "user", "content": question}
+        render = tok.tok.apply_chat_template
+        # the template writes its own special tokens (BOS) as text: encode adds none
+        prompt = tok.encode(render([user], tokenize=False, add_generation_prompt=True))
+        full = tok.encode(render([user, {"role": "assistant", "content": answer}], tokenize=False))
+        return prompt, _answer_after(tok, prompt, full)
+    raise ValueError(f"unresolved prompt format '{fmt}'")
 
 
 def to_rows(pairs: list[tuple[list[int], list[int]]], length: int, pad: int):
@@ -171,13 +233,18 @@ class QAData:
     memorised: dict = field(default_factory=dict)   # forget | retain | unseen → [token lists]
     forget_ids: object = None                       # training ids of the deletion request
     train_items: list = field(default_factory=list)  # text of each training row (by id)
+    prompt_format: str = "plain"                    # resolved scenario.prompt_format
 
     def rows(self, pairs):
         return to_rows(pairs, self.length, self.tokenizer.pad)
 
+    def encode(self, question: str, answer: str) -> tuple[list[int], list[int]]:
+        """(prompt ids, answer ids + eos) in the stream's prompt format."""
+        return encode_qa(self.tokenizer, question, answer, self.prompt_format)
+
     def item_rows(self, items):
         """(inputs, targets) of QA items with their true answers."""
-        return self.rows([encode_qa(self.tokenizer, r["question"], r["answer"]) for r in items])
+        return self.rows([self.encode(r["question"], r["answer"]) for r in items])
 
 
 @functools.cache
@@ -209,7 +276,7 @@ def _files(folder: str, cfg) -> dict[str, str]:
     return {"train_forget": j(cfg.forget_split), "train_retain": j(retain),
             "forget": j(cfg.forget_split + "_perturbed"), "retain": j("retain_perturbed"),
             "real_authors": j("real_authors_perturbed"), "world_facts": j("world_facts_perturbed"),
-            "unseen": j("unseen_perturbed"), "memorised": j("memorised")}
+            "unseen": j("unseen_perturbed"), "holdout": j("holdout" + tag), "memorised": j("memorised")}
 
 
 def _augment_vocabulary() -> str:
@@ -232,12 +299,22 @@ def tofu(cfg, seed: int):
     from lethe.scenarios.lm_corpora import sequence_dataset
     from lethe.scenarios.types import FORGET, LEARN, Experience, ForgetRequest, Stream, TestSet
 
+    if cfg.checkpoint_saw_forget and not cfg.retain_model_path:
+        raise ConfigError("scenario.retain_model_path: the run's checkpoint has already seen the forget "
+                          "set (scenario.checkpoint_saw_forget: true, e.g. a model fine-tuned on all of "
+                          "TOFU), so a retain-only model trained from it would have seen it too and forget "
+                          "quality / PrivLeak would be invalid; give a published retain-only model "
+                          "(e.g. TOFU's retain90 fine-tune) as scenario.retain_model_path")
     folder = dataset_folder(cfg)
     files = _files(folder, cfg)
     train_f = read_items(files["train_forget"], "scenario.forget_split")
     train_r = read_items(files["train_retain"], "scenario.retain_split")
     splits = {k: read_items(files[k], f"scenario ({k} split)")
               for k in EVAL_SPLITS if k in ("forget", "retain") or os.path.exists(files[k])}
+    if "unseen" not in splits and os.path.exists(files["holdout"]):
+        # TOFU's own held-out authors (holdout<XX>.json, question and answer only): the
+        # non-members of the membership attacks, as open-unlearning uses them
+        splits["unseen"] = read_items(files["holdout"], "scenario (holdout split)")
     if cfg.max_eval > 0:
         splits = {k: v[:cfg.max_eval] for k, v in splits.items()}
     memo = read_items(files["memorised"], "scenario (memorised.json)") if os.path.exists(files["memorised"]) else []
@@ -250,12 +327,13 @@ def tofu(cfg, seed: int):
     if cfg.tokenizer == "words":
         texts.append(_augment_vocabulary())
     tok = make_tokenizer(cfg.tokenizer, texts)
+    fmt = resolve_prompt_format(cfg.prompt_format, tok, cfg.tokenizer)
 
     def seq_pair(text):   # a memorised sequence: every token counts
         ids = [tok.eos] + tok.encode(text) + [tok.eos]
         return ids[:1], ids[1:]
 
-    qa = lambda rows: [encode_qa(tok, r["question"], r["answer"]) for r in rows]  # noqa: E731
+    qa = lambda rows: [encode_qa(tok, r["question"], r["answer"], fmt) for r in rows]  # noqa: E731
     memo_by = {k: [seq_pair(r["text"]) for r in memo if r.get("split") == k] for k in ("forget", "retain", "unseen")}
     train_pairs = qa(train_f) + memo_by["forget"] + qa(train_r) + memo_by["retain"] + qa(general)
     memo_rows = {k: [r for r in memo if r.get("split") == k] for k in ("forget", "retain")}
@@ -264,9 +342,9 @@ def tofu(cfg, seed: int):
     lengths = [len(p) + len(a) - 1 for p, a in train_pairs]
     for rows in splits.values():
         for r in rows:
-            p = tok.encode(PROMPT.format(question=r["question"]))
             for ans in [r["answer"], r.get("paraphrased_answer", r["answer"]), *r.get("perturbed_answer", [])]:
-                lengths.append(len(p) + len(tok.encode(" " + ans)))
+                p, a = encode_qa(tok, r["question"], ans, fmt)
+                lengths.append(len(p) + len(a) - 1)
     lengths += [len(p) + len(a) - 1 for p, a in memo_by["unseen"]]
     length = max(lengths)
     if not train_f or not train_r:
@@ -298,9 +376,10 @@ def tofu(cfg, seed: int):
     stream.tokenizer = tok
     stream.qa = QAData(tokenizer=tok, length=int(length), splits=splits,
                        memorised={k: [p + a for p, a in v] for k, v in memo_by.items()},
-                       forget_ids=forget_ids, train_items=train_items)
+                       forget_ids=forget_ids, train_items=train_items, prompt_format=fmt)
     stream.qa_config = cfg
     return stream
 
 
-__all__ = ["TofuConfig", "QAData", "QAWordTokenizer", "encode_qa", "to_rows", "read_items", "tofu"]
+__all__ = ["TofuConfig", "QAData", "QAWordTokenizer", "encode_qa", "resolve_prompt_format", "to_rows",
+           "read_items", "tofu"]
