@@ -4,6 +4,7 @@ or loaded from scenario.retain_model_path."""
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 import torch
@@ -152,3 +153,75 @@ def test_llm_unlearning_benchmark_bad_override_is_one_message_before_any_run(tmp
     assert "llm_unlearning: unknown key 'scenario.ppl_modle'; did you mean 'ppl_model'?" in res.stderr
     assert "Traceback" not in res.stderr and "done in" not in res.stdout
     assert not (tmp_path / "mlflow.db").exists()
+
+
+# every unlearn/* key issue 19 names (TOFU, MUSE, open-unlearning, ReLearn conventions), on the
+# splits a real TOFU folder has: forget / retain / real_authors / world_facts and holdout (unseen)
+TOFU_KEYS = [f"unlearn/{k}" for k in (
+    "model_utility", "forget_quality", "privleak", "mink_auc", "mink_auc_k20", "minkpp_auc",
+    "zlib_auc", "mia_auc", "kfr", "krr", "forget_ls", "retain_ls")] + [
+    f"unlearn/{split}_{k}" for split in ("forget", "retain", "real_authors", "world_facts")
+    for k in ("prob", "para_prob", "pert_prob", "truth_ratio", "truth_ratio_raw", "rouge",
+              "rouge1_recall", "rougeL_f1", "ma", "ma_no_eos", "es")] + [
+    f"unlearn/unseen_{k}" for k in ("prob", "ma", "ma_no_eos", "es")]
+
+
+def _tofu_folder(tmp_path):
+    """A folder as TOFU ships it: forget17 / retain83 and their *_perturbed files, the
+    real-authors / world-facts files, and holdout17.json (question and answer only) for the
+    held-out authors; no lethe extras (unseen_perturbed.json, memorised.json)."""
+    import json
+    import shutil
+
+    from lethe.scenarios.tofu_synthetic import generate
+
+    gen, folder = generate(tmp_path / "gen", 6, 17, 2, seed=0), tmp_path / "TOFU"
+    folder.mkdir()
+    for name in ("forget17", "retain83", "forget17_perturbed", "retain_perturbed",
+                 "real_authors_perturbed", "world_facts_perturbed"):
+        shutil.copy(gen / f"{name}.json", folder / f"{name}.json")
+    rows = [json.loads(ln) for ln in (gen / "unseen_perturbed.json").read_text().splitlines()]
+    (folder / "holdout17.json").write_text(
+        "".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in rows))
+    return folder
+
+
+@pytest.mark.integration
+def test_tofu_folder_with_a_local_retain_model_logs_every_metric(tmp_path, store):
+    """`lethe run ga_tofu_local` on a TOFU-format folder, an HF tokenizer with a Llama-2 chat
+    template, a local causal LM that has seen the forget set and a local retain-only model:
+    every metric key lands in the SQLite store after learn (step 0) and forget (step 1). Without
+    retain_model_path the same run stops with the config error (exit 2) before it starts."""
+    from types import SimpleNamespace
+
+    from tofu_helpers import folder_texts, word_tokenizer_folder
+    from transformers import AutoTokenizer
+
+    folder = _tofu_folder(tmp_path)
+    tok = word_tokenizer_folder(tmp_path / "tok", folder_texts(folder))
+    shape = SimpleNamespace(input_shape=(256,), n_classes=len(AutoTokenizer.from_pretrained(str(tok))))
+    for name, seed in (("full", 0), ("retain83", 1)):   # published checkpoints, saved as HF does
+        tiny_llama(shape, seed).lm.save_pretrained(tmp_path / name)
+    args = ["run", "conf/ga_tofu_local.yaml", *store["overrides"], f"scenario.path={folder}",
+            "scenario.forget_split=forget17", f"scenario.tokenizer={tok}", f"model.path={tmp_path / 'full'}",
+            "scenario.checkpoint_saw_forget=true", "scenario.embedder=exact", "scenario.ppl_model=wordfreq",
+            "device=cpu", "train.epochs=3", "train.batch_size=16", "train.lr=0.003", "method.epochs=1",
+            "method.batch_size=8", "method.lr=0.001", "eval.batch_size=64"]
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    res = run_cli(args, cwd=ROOT, env=env)   # no retain model: the reference would have seen forget17
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert ("scenario.retain_model_path: the run's checkpoint has already seen the forget set"
+            in res.stderr and "Traceback" not in res.stderr), res.stderr[-3000:]
+    res = run_cli(args + [f"scenario.retain_model_path={tmp_path / 'retain83'}"], cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    client, run = only_run(store["uri"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["scenario.retain_model_path"] == str(tmp_path / "retain83")
+    assert run.data.params["scenario.prompt_format"] == "auto"
+    missing = [k for k in TOFU_KEYS if k not in run.data.metrics]
+    assert not missing, missing
+    for k in TOFU_KEYS:
+        steps = {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)}
+        assert set(steps) == {0, 1}, (k, steps)
+        assert all(math.isfinite(v) for v in steps.values()), (k, steps)
+    assert 0.0 <= run.data.metrics["unlearn/forget_quality"] <= 1.0
