@@ -95,6 +95,31 @@ def test_llm_unlearning_plot_places_each_run_at_its_utility_and_forget_quality()
     assert compare.fig_llm_unlearning(compare.group_runs([_rd("c", {})])) is None
 
 
+def test_table_ranks_privleak_by_its_distance_from_zero():
+    """PrivLeak follows MUSE's sign (≈ 0 best, −100 not unlearned, > 0 over-unlearned): sorted
+    ascending, as the page's script sorts by data-value, the run closest to 0 comes first, not
+    the most negative one; the cell still shows the signed value."""
+    vals = {"a": -100.0, "b": 5.0, "c": -2.0, "d": 0.5}
+    runs = [_rd(k, {"method.name": k}, final={"unlearn/privleak": v, "unlearn/kfr": v / 100})
+            for k, v in vals.items()]
+    page = compare.table_html(runs, compare.group_runs(runs))
+    head = re.findall(r"<th(?: title='([^']*)')?>([^<]*)</th>", page)
+    col = [name for _, name in head].index("unlearn/privleak")
+    assert "≈ 0 best" in head[col][0] and "−100 = not unlearned" in head[col][0]
+    rows = re.findall(r"<tr><td title='(\w)'>.*?</tr>", page)
+    # the metric cells (the only ones with a data-value) follow run, group, seed and status
+    cells = [re.findall(r"<td class='num' data-value='([^']*)'>([^<]*)</td>", row)
+             for row in re.findall(r"<tr><td title='\w'>(.*?)</tr>", page)]
+    col -= 4
+    keys = {run: float(c[col][0]) for run, c in zip(rows, cells)}
+    assert keys == {"a": 100.0, "b": 5.0, "c": 2.0, "d": 0.5}      # |PrivLeak|
+    assert [c[col][1] for c in cells] == ["-100.0000", "5.0000", "-2.0000", "0.5000"]
+    assert sorted(keys, key=keys.get) == ["d", "c", "b", "a"]      # best first: 0.5, −2, 5, −100
+    # a higher-is-better column keeps the raw value as its sort key
+    kfr = [name for _, name in head].index("unlearn/kfr") - 4
+    assert [float(c[kfr][0]) for c in cells] == [-1.0, 0.05, -0.02, 0.005]
+
+
 # --- real runs in a sqlite store ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cl_store(tmp_path_factory):

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -156,6 +157,61 @@ def test_a_full_disk_is_said_in_words_and_leaves_no_temp_file(tmp_path):
                                       f"(the previous one is intact)")
     assert target.read_bytes() == b"previous checkpoint"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
+
+
+needs_dev_full = pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+
+
+def fill_disk_at(path) -> None:
+    """Make the next write of ``path`` hit a full disk, for real: a symlink to /dev/full, which
+    the kernel answers with ENOSPC (what a full disk does mid-write)."""
+    path.symlink_to("/dev/full")
+
+
+@needs_dev_full
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
+    """torch.save onto a full disk used to say "unexpected pos 44224 vs 44112" and leave
+    state.pt.tmp behind."""
+    import torch
+
+    from lethe.errors import RunError
+    from lethe.platform.checkpoint import Checkpointer
+
+    folder, _, second = two_checkpoints(tmp_path)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    ck = Checkpointer(folder.parent, folder.name)
+    ck.load()   # as a resumed run does: it knows its state files are good
+    fill_disk_at(folder / "state.pt.tmp")
+    with pytest.raises(RunError) as info:
+        ck.save({"w": torch.zeros(20_000), "next": 3}, {"run_id": "run1", "finished": False})
+    assert str(info.value).startswith(f"the disk is full: could not write state.pt in {folder} "
+                                      f"(the previous one is intact)")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before   # nothing touched, no .tmp
+    assert torch.equal(fresh_load(folder)["w"], second["w"])
+
+
+@needs_dev_full
+def test_a_full_disk_at_start_fails_the_run_and_leaves_no_temp_file(tmp_path, store, capsys,
+                                                                    monkeypatch):
+    """The run's config.yaml is its first file: a full disk there used to exit 1 leaving the run
+    RUNNING and a 0-byte config.yaml.tmp."""
+    from lethe.platform import checkpoint
+    from lethe.platform.cli import main
+
+    write_config = checkpoint.Checkpointer.write_config
+
+    def on_a_full_disk(self, text):   # the run folder exists now; its disk is full
+        fill_disk_at(self.dir / "config.yaml.tmp")
+        write_config(self, text)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "write_config", on_a_full_disk)
+    assert main(["run", "split_digits", *store["overrides"], *SMALL]) == 1
+    err = capsys.readouterr().err
+    _, run = only_run(store["uri"])
+    folder = tmp_path / "runs" / run.info.run_id
+    assert f"lethe: run failed: the disk is full: could not write config.yaml in {folder}" in err
+    assert run.info.status == "FAILED"
+    assert not (folder / "config.yaml.tmp").exists() and not (folder / "config.yaml").exists()
 
 
 def test_other_write_errors_also_leave_no_temp_file(tmp_path):

@@ -82,6 +82,20 @@ def test_a_sqlite_store_in_a_missing_folder_exits_2_and_creates_nothing(tmp_path
     assert not missing.parent.exists()
 
 
+def test_every_tracker_checks_its_store_first(tmp_path):
+    """`lethe sweep` and `--seeds` open their parent run's store through the same Tracker: the
+    same refusals, before anything is created."""
+    from lethe.errors import ConfigError
+    from lethe.platform.tracking import Tracker
+
+    missing = tmp_path / "typo" / "mlflow.db"
+    with pytest.raises(ConfigError, match=f"the folder {missing.parent} does not exist"):
+        Tracker(f"sqlite:///{missing}", "test")
+    assert not missing.parent.exists()
+    with pytest.raises(ConfigError, match="tracking.uri=garbage://x: MLflow has no store"):
+        Tracker("garbage://x", "test")
+
+
 def test_the_default_store_in_the_current_folder_needs_no_folder_check(tmp_path, monkeypatch):
     from lethe.platform.stores import check_sqlite_store
     from lethe.platform.tracking import resolve_tracking_uri
@@ -276,3 +290,15 @@ def test_compare_out_in_a_folder_that_cannot_be_created_exits_2(hostile_store, t
     code, err = cli(["compare", "--runs", run_id, f"tracking.uri={uri}", "--out", str(out)], capsys)
     assert code == 2
     assert f"cannot create the folder {out.parent}" in error_line(err)
+
+
+@pytest.mark.parametrize("experiment, folder", [
+    ("..", "experiment"),               # nothing left once the leading dots go
+    ("a/../../b", "a_.._.._b"),         # '/' becomes '_': one folder name, no path
+    (".hidden.v2", "hidden.v2"),
+])
+def test_artifact_folders_of_hostile_experiment_names_stay_in_mlartifacts(tmp_path, experiment, folder):
+    from lethe.platform.tracking import artifact_root
+
+    root = artifact_root(f"sqlite:///{tmp_path / 'm.db'}", experiment)
+    assert root == (tmp_path / "mlartifacts" / folder).as_uri()

@@ -152,3 +152,30 @@ def test_ctrl_c_while_the_server_hangs_exits_130_within_seconds(tmp_path, server
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err
     assert (runs / run_id / "state.pt").exists()
+
+
+def test_an_experiment_another_run_creates_meanwhile_is_joined(server, monkeypatch):
+    """Runs starting together on a server both find no experiment and both create it (no lock
+    spans machines): the second create fails on the real server with RESOURCE_ALREADY_EXISTS,
+    which used to fail that run (1 of 8 in benchmarks/stress_tracking.py)."""
+    from mlflow.tracking import MlflowClient
+
+    from lethe.platform.tracking import Tracker
+
+    other = MlflowClient(tracking_uri=server.url)   # the other run, creating it right after our lookup
+    lookup = MlflowClient.get_experiment_by_name
+    looked = []
+
+    def loses_the_race(self, name):
+        looked.append(name)
+        if len(looked) == 1:
+            other.create_experiment(name)
+            return None
+        return lookup(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", loses_the_race)
+    tracker = Tracker(server.url, "race")
+    monkeypatch.undo()
+    assert looked == ["race", "race"]   # looked up again after its create was refused
+    assert tracker.experiment_id == other.get_experiment_by_name("race").experiment_id
+    assert [e.name for e in other.search_experiments()].count("race") == 1

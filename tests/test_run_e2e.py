@@ -19,7 +19,8 @@ def test_split_digits_preset_runs_and_replay_forgets_less_than_naive(tmp_path, s
     assert "FINISHED" in res.stdout and store["uri"] in res.stdout
     client, run = only_run(store["uri"])
     assert run.info.status == "FINISHED"
-    for key in ("acc/avg_seen", "forgetting/avg", "acc/avg_all", "bwt", "time/train_s"):
+    for key in ("acc/avg_seen", "forgetting/avg", "acc/avg_all", "bwt", "time/train_s", "acc/last",
+                "acc/avg_incremental"):
         assert sorted(metric_steps(client, run.info.run_id, key)) == [0, 1, 2, 3, 4], key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "accuracy_matrix.csv", "accuracy_matrix.png", "flip_matrix.csv",

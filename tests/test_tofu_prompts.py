@@ -160,3 +160,47 @@ def test_evaluator_scores_the_chat_template_answers(tmp_path):
         want = sum(rouge(a, r["answer"])["rouge"] for a, r in zip(answers, items)) / len(items)
         assert m[f"unlearn/{split}_rouge"] == pytest.approx(want, abs=1e-9)
     assert torch.isfinite(torch.tensor(m["unlearn/model_utility"]))
+
+
+def test_relearn_rows_use_the_streams_chat_template(tmp_path):
+    """ReLearn's augmented forget rows (lethe/methods/relearn.py) are encoded like every QA row:
+    with the tokenizer's Llama-2 chat template, each row is the literal turn
+    "<s>[INST] q [/INST] a </s>" with only " a </s>" counted; a cut sample's first answer words
+    open the answer turn uncounted, its vague continuation is the target."""
+    from lethe.methods.base import MethodContext
+    from lethe.methods.relearn import Relearn, RelearnConfig
+    from lethe.platform.config import TrainConfig
+    from lethe.scenarios.tofu import _augment_vocabulary, tofu
+
+    folder = tiny_folder(tmp_path / "tofu")
+    # the augmenter's words in the vocabulary, so the vague answers are not <unk>
+    texts = folder_texts(folder) + [_augment_vocabulary()]
+    tok_dir = word_tokenizer_folder(tmp_path / "tok", texts)
+    s = tofu(tofu_cfg(tmp_path, path=str(folder), tokenizer=str(tok_dir)), 0)
+    assert s.qa.prompt_format == "chat_template"
+    hf, ids = _hf(tok_dir)
+    m = Relearn(RelearnConfig(rank=0), tiny_llama(s, 0),
+                MethodContext(train=TrainConfig(), device=torch.device("cpu"), stream=s, seed=0))
+    req = next(e.request for e in s.experiences if e.request is not None)
+    samples = m.augmented(req)
+    x, y = m.forget_rows(None, None, req)
+    assert len(x) == len(samples) and any(smp.get("prefix") for smp in samples)
+    for i, smp in enumerate(samples):
+        q, a = smp["question"], smp["answer"]
+        if smp.get("prefix"):   # the question without the cut prefix, the prefix after [/INST]
+            q = q[: len(q) - len(smp["prefix"])].strip()
+            prompt = ids(f"<s>[INST] {q} [/INST] {smp['prefix']}")
+            full = ids(f"<s>[INST] {q} [/INST] {smp['prefix']} {a} </s>")
+        else:
+            prompt = ids(f"<s>[INST] {q} [/INST]")
+            full = ids(f"<s>[INST] {q} [/INST] {a} </s>")
+            assert s.qa.encode(q, a)[0] == prompt     # the same prompt as the evaluator's rows
+        assert full[:len(prompt)] == prompt and full[-1] == hf.eos_token_id
+        assert full[len(prompt):] == ids(a) + [hf.eos_token_id]    # the word tokenizer: a's own words
+        # rows hold the stream's length L: a vague answer longer than every QA row is cut
+        # there (to_rows keeps the first L + 1 tokens of the sequence)
+        seq = full[:s.qa.length + 1]
+        n = len(seq) - 1
+        assert x[i, :n].tolist() == seq[:-1] and (x[i, n:] == hf.eos_token_id).all()
+        assert (y[i, :len(prompt) - 1] == -100).all() and (y[i, n:] == -100).all()
+        assert y[i, len(prompt) - 1:n].tolist() == seq[len(prompt):]

@@ -9,7 +9,9 @@ params are equal except the seed and bookkeeping keys):
   between consecutive models) with std error bars;
 - an unlearning trade-off scatter (forget quality vs retain accuracy, marker size = serve
   cost) when runs logged ``unlearn/*`` metrics;
-- a sortable table of runs: status, the params that differ, final metrics.
+- a sortable table of runs: status, the params that differ, final metrics (a header's tooltip
+  says which way is better; ``unlearn/privleak`` follows MUSE's sign, ≈ 0 best, and sorts by
+  its distance from 0).
 
 Parent runs of ``lethe run --seeds N`` and of ``lethe sweep`` are left out (they hold only
 aggregates; their members are the runs compared, grouped like any runs). A parent run id
@@ -28,7 +30,9 @@ from pathlib import Path
 
 from lethe import tags as T
 from lethe.dashboards.figures import (
+    CONVENTIONS,
     CURVE_KEYS,
+    DISTANCE,
     LLM_KEYS,
     RunData,
     accuracy_matrix,
@@ -230,16 +234,18 @@ def table_html(runs: list[RunData], groups: dict[str, list[RunData]]) -> str:
     metrics = [m for m in TABLE_METRICS if any(m in r.final for r in runs)]
     head = ["run", "group", "seed", "status"] + metrics + varying
     out = ["<table class='sortable' id='runs'><thead><tr>"]
-    out += [f"<th>{html.escape(h)}</th>" for h in head]
+    out += [f"<th title='{html.escape(CONVENTIONS[h])}'>{html.escape(h)}</th>" if h in CONVENTIONS
+            else f"<th>{html.escape(h)}</th>" for h in head]
     out.append("</tr></thead><tbody>")
     for r in runs:
         cells = [f"<td title='{html.escape(r.run_id)}'>{html.escape(r.name)}</td>",
                  f"<td>{html.escape(r.group)}</td>",
                  f"<td class='num'>{html.escape(r.params.get('seed', ''))}</td>",
                  f"<td class='{html.escape(r.status)}'>{html.escape(r.status)}</td>"]
-        for m in metrics:
+        for m in metrics:   # data-value is the sort key: the value, or its distance from the best
             v = r.final.get(m)
-            cells.append(f"<td class='num' data-value='{'' if v is None else repr(float(v))}'>"
+            key = None if v is None else float(DISTANCE.get(m, float)(v))
+            cells.append(f"<td class='num' data-value='{'' if key is None else repr(key)}'>"
                          f"{_fmt(v)}</td>")
         cells += [f"<td>{html.escape(r.params.get(k, ''))}</td>" for k in varying]
         out.append("<tr>" + "".join(cells) + "</tr>")

@@ -8,6 +8,21 @@ from dataclasses import dataclass, field
 
 CURVE_KEYS = ("acc/avg_seen", "acc/avg_all")
 LLM_KEYS = ("unlearn/model_utility", "unlearn/forget_quality")   # TOFU-style runs (metrics/qa.py)
+# How to read the unlearning metrics (table header tooltips, plot hover; docs/metrics.md has
+# the formulas). PrivLeak follows MUSE's sign: the best run is the one closest to 0, not the
+# lowest, so its table column sorts by |value| (DISTANCE); 1 − mink_auc is its AUC.
+CONVENTIONS = {
+    "unlearn/privleak": "≈ 0 best (leaks as much as a retain-only model); −100 = not unlearned; "
+                        "> 0 = over-unlearned; the column sorts by |value|",
+    "unlearn/forget_quality": "higher = closer to a retain-only model (KS p-value)",
+    "unlearn/model_utility": "higher = better",
+    "unlearn/kfr": "higher = more forgotten",
+    "unlearn/krr": "higher = more retained",
+    "unlearn/forget_ls": "higher = more fluent",
+    "unlearn/mia_auc": "≈ the retrain run's value (0.5 = deleted samples look unseen)",
+    "unlearn/forget_acc": "≈ the retrain run's value (not 0)",
+}
+DISTANCE = {"unlearn/privleak": abs}   # sort key of a table column whose best value is not an end
 MAX_HEATMAPS = 12
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
           "#7f7f7f", "#bcbd22", "#17becf")
@@ -227,7 +242,8 @@ def fig_llm_unlearning(groups: dict[str, list[RunData]]):
                                          marker=dict(symbol=["circle-open", "circle"], size=[10, 1],
                                                      color=color)))
         hover = [f"{html.escape(r.name)}" + "".join(
-            f"<br>{k.split('/')[1]}: {r.final[k]:.4g}" for k in
+            f"<br>{k.split('/')[1]}: {r.final[k]:.4g}"
+            + (" (≈ 0 best, −100 not unlearned)" if k == "unlearn/privleak" else "") for k in
             ("unlearn/kfr", "unlearn/krr", "unlearn/forget_ls", "unlearn/privleak", "unlearn/serve_s")
             if k in r.final) for r in runs]
         fig.add_trace(go.Scatter(x=[r.final[LLM_KEYS[0]] for r in runs],

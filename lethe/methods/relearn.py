@@ -48,6 +48,21 @@ def kl_ref(logits, ref_logits, targets):
     return (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
+def cut_pair(qa, sample) -> tuple[list[int], list[int]]:
+    """(prompt, target) of a cut sample: the true answer's first words open the answer turn
+    (uncounted, the model is conditioned on them) and the vague continuation is the target.
+    The answer "prefix continuation" is encoded whole in the stream's prompt format, so the
+    row is the same sequence as any QA row; the tokens it shares with the encoding of the
+    prefix alone move to the prompt side (at least the final <eos> stays a target)."""
+    q = sample["question"][: len(sample["question"]) - len(sample["prefix"])].strip()
+    prompt, full = qa.encode(q, sample["prefix"] + " " + sample["answer"])
+    _, head = qa.encode(q, sample["prefix"])
+    k = 0
+    while k < min(len(full) - 1, len(head)) and full[k] == head[k]:
+        k += 1
+    return prompt + full[:k], full[k:]
+
+
 @register_method("relearn", config=RelearnConfig, kinds=("learn", "forget"))
 class Relearn(LLMUnlearner):
     """Unlearning by learning vague, leak-free answers to augmented forget questions (+ retain CE, KL)."""
@@ -111,18 +126,12 @@ class Relearn(LLMUnlearner):
         return samples + positive_pairs(items, self.cfg.positive_ratio, rng)
 
     def forget_rows(self, fx, fy, request):
-        from lethe.scenarios.tofu import PROMPT
-
+        """The augmented samples as QA rows, encoded like every other QA row of the stream
+        (``scenario.prompt_format``: chat template, TOFU's Llama-2 string or the plain format);
+        the targets count the vague answer only."""
         qa = self.ctx.stream.qa
-        tok = qa.tokenizer
-        pairs = []
-        for s in self.augmented(request):
-            if s.get("prefix"):   # cut sample: the answer's first words after "Answer:"
-                q = s["question"][: len(s["question"]) - len(s["prefix"])].strip()
-                prompt = tok.encode(PROMPT.format(question=q) + " " + s["prefix"])
-            else:
-                prompt = tok.encode(PROMPT.format(question=s["question"]))
-            pairs.append((prompt, tok.encode(" " + s["answer"]) + [tok.eos]))
+        pairs = [cut_pair(qa, s) if s.get("prefix") else qa.encode(s["question"], s["answer"])
+                 for s in self.augmented(request)]
         self.n_augmented = len(pairs)
         return qa.rows(pairs)
 

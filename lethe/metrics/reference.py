@@ -214,7 +214,8 @@ METRICS: tuple[MetricDoc, ...] = (
     MetricDoc("unlearn/model_utility", "harmonic mean of {prob, ROUGE-L recall, mean max(0, 1 − R)} over retain, "
               "real_authors, world_facts", "TOFU model utility", "Maini et al., TOFU, 2024"),
     MetricDoc("unlearn/forget_quality", "KS-test p-value between the forget-set truth ratios of the model "
-              "and of a retain-only model trained by the platform (same model, train settings, seed)",
+              "and of a retain-only model: scenario.retain_model_path (e.g. TOFU's published retain90 "
+              "fine-tune), else one trained by the platform (same model, train settings, seed)",
               "TOFU forget quality", "Maini et al., TOFU, 2024",
               "higher = closer to never having seen the data; TOFU tests 1/R, open-unlearning R: the KS "
               "p-value is the same (rank-based)"),
@@ -270,6 +271,11 @@ METRICS: tuple[MetricDoc, ...] = (
 
 # Keys whose meaning changed, newest release first: (release, key, what changed).
 CHANGELOG: tuple[tuple[str, str, str], ...] = (
+    ("issue 19", "unlearn/*", "scenario.prompt_format (default auto): with a tokenizer that has a chat "
+     "template, every QA row (fine-tuning, evaluation, ReLearn's augmented rows) is that template's turn "
+     "(e.g. Llama-2-chat's `<s>[INST] q [/INST] a </s>`), so every unlearn/* value of such a run changes; "
+     "prompts were the plain `Question: q\\nAnswer: a` format before (prompt_format: plain keeps it; auto "
+     "picks it for tokenizers without a template, such as lethe's word tokenizer)"),
     ("issue 19", "unlearn/privleak", "MUSE's / open-unlearning's sign and denominator: computed on the "
      "holdout-positive AUC 1 − mink_auc, so a model that has not unlearned reads ≈ −100 (was "
      "(AUC_u − AUC_r) / AUC_r on the forget-positive AUC: +100 there)"),

@@ -118,10 +118,7 @@ def cmd_run(args) -> int:
     if args.seeds is not None:
         if resume is not None:
             raise ConfigError("--seeds and --resume cannot be combined (resume each seed's run by its id)")
-        from lethe.platform.stores import opening
-
-        with opening(cfg.tracking.uri):   # a bad URI: exit 2 before the parent run exists
-            return _run_seeds(cfg, args.seeds)
+        return _run_seeds(cfg, args.seeds)   # a bad URI: exit 2 from the parent's Tracker
     from lethe.platform.runner import run_experiment
 
     result = run_experiment(cfg, resume=resume is not None,
@@ -175,8 +172,10 @@ def cmd_compare(args) -> int:
             raise ConfigError(f"lethe compare: unknown argument '{item}' (accepted: tracking.uri=URI, "
                               f"tracking.experiment=NAME)")
     from lethe.platform.stores import opening
+    from lethe.platform.tracking import resolve_tracking_uri
 
-    with opening(uri) as resolved:
+    resolved = resolve_tracking_uri(uri)
+    with opening(resolved):
         page = write_compare(resolved, experiment=experiment, run_ids=runs or None, out=args.out)
     print(page_summary(page))
     return EXIT_OK

@@ -79,8 +79,13 @@ def reproduce(run_id: str, overrides: list[str]):
     cfg = load_config(fh.name, [f"tracking.uri={uri}", f"tracking.experiment={experiment}",
                                 *overrides])
     Path(fh.name).unlink()
-    for warning in version_warnings(run):
+    warnings = version_warnings(run)
+    for warning in warnings:
         print(f"lethe: warning: {warning}; numbers may differ", file=sys.stderr)
+    if warnings:
+        print(f"lethe: to recreate the recorded environment: `mlflow artifacts download -r {run_id} "
+              f"-a pip_freeze.txt` and `pip install -c pip_freeze.txt -e .` in a fresh venv at the "
+              f"run's git.commit (docs/sweeps.md#reproduce-a-run)", file=sys.stderr)
     changes_data = any(o.startswith("scenario.") for o in overrides)
     expected = None if changes_data else {
         k[len("data.fp."):]: v for k, v in run.data.tags.items() if k.startswith("data.fp.")}

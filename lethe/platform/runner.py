@@ -1,6 +1,7 @@
 """The experience loop: build → (resume) → serve each experience → evaluate → log → checkpoint."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -13,7 +14,6 @@ from omegaconf import DictConfig, OmegaConf
 from lethe import registry
 from lethe.errors import ConfigError, LetheError, RunError
 from lethe.platform import checkpoint as ckpt
-from lethe.platform import stores
 from lethe.platform.config import flatten, to_yaml
 
 log = logging.getLogger("lethe")
@@ -124,8 +124,6 @@ class Runner:
     def run(self) -> RunResult:
         """The run, under MLflow HTTP limits (a dead server fails it within a minute) and a
         lock on its run folder (two processes cannot continue one run)."""
-        import contextlib
-
         from lethe.platform.run_lock import run_folder_lock
         from lethe.platform.tracking import http_limits
 
@@ -135,8 +133,22 @@ class Runner:
             return self._run()
 
     def _run(self) -> RunResult:
+        from lethe.platform.tracking_process import open_tracker
+
+        cfg = self.cfg
+        self.checkpointer = None if self.resume_folder is None else ckpt.Checkpointer(
+            self.resume_folder.parent, self.resume_folder.name)
+        meta = self.checkpointer.meta() if self.checkpointer else {}
+        # a local store opens in a child process while torch, Avalanche and the stream load
+        self.tracker = open_tracker(meta.get("tracking_uri") or cfg.tracking.uri,
+                                    meta.get("experiment") or cfg.tracking.experiment)
+        try:
+            return self._tracked(meta)
+        finally:
+            self.tracker.close()
+
+    def _tracked(self, meta: dict) -> RunResult:
         from lethe.platform.run_lock import run_folder_lock
-        from lethe.platform.tracking import Tracker
 
         cfg = self.cfg
         seed_everything(cfg.seed, cfg.deterministic)
@@ -144,10 +156,11 @@ class Runner:
         stream, model, method_entry = build_components(cfg)
         if self.expect_fingerprints is not None:
             check_fingerprints(stream, self.expect_fingerprints)
-        meta, state = self._resumed_state()   # a damaged checkpoint: refused before the run is touched
+        # a damaged checkpoint: refused before the run is touched; the Checkpointer knows
+        # which of its state files are good
+        state = self.checkpointer.load() if self.checkpointer else None
         ckpt.check_root(cfg.checkpoint.dir)
-        with stores.opening(meta.get("tracking_uri") or cfg.tracking.uri) as uri:
-            self.tracker = tracker = Tracker(uri, meta.get("experiment") or cfg.tracking.experiment)
+        tracker = self.tracker.ready()
         # the method is built before its MLflow run exists: a setting it refuses (ConfigError,
         # exit 2) leaves no run behind, as the README promises
         plugins = self._plugins(lambda x, t: method.predict(x, t))
@@ -187,15 +200,6 @@ class Runner:
                 except Exception:  # a failing store must not hide the original error
                     pass
 
-    def _resumed_state(self) -> tuple[dict, dict | None]:
-        """(meta.json, verified state) of the run being resumed; ({}, None) for a new run. Its
-        Checkpointer is kept: it knows which of its state files are good."""
-        self.checkpointer = None
-        if self.resume_folder is None:
-            return {}, None
-        self.checkpointer = ckpt.Checkpointer(self.resume_folder.parent, self.resume_folder.name)
-        return self.checkpointer.meta(), self.checkpointer.load()
-
     def _begin(self, tracker, meta: dict, stream) -> None:
         """Continue the recorded MLflow run, or create a new one with params and environment."""
         cfg = self.cfg
@@ -217,7 +221,7 @@ class Runner:
         record = environment.capture(stream)
         tracker.set_tags(environment.tags_of(record))
         tracker.log_dict(record, "environment.json")
-        tracker.log_text(environment.pip_freeze(), "pip_freeze.txt")
+        tracker.log_pip_freeze("pip_freeze.txt")
         diff = environment.git_state().get("diff")
         if diff:
             tracker.log_text(diff, "git_diff.patch")
@@ -328,8 +332,7 @@ class Runner:
         """Plot train/lr as logged (the MLflow history spans resumed segments too)."""
         from lethe.platform.report import DPI, schedule_figure
 
-        history = sorted((m.step, m.value) for m in
-                         self.tracker.client.get_metric_history(self.tracker.run_id, "train/lr"))
+        history = self.tracker.metric_history("train/lr")
         if history:
             self.tracker.log_figure(schedule_figure(
                 [h[0] for h in history], [h[1] for h in history],
@@ -339,12 +342,10 @@ class Runner:
         """unlearn/* metrics, one row per forget step (from MLflow: spans resumed segments)."""
         from lethe.metrics.unlearning import write_csv
 
-        client, run_id = self.tracker.client, self.tracker.run_id
-        keys = [k for k in client.get_run(run_id).data.metrics if k.startswith("unlearn/")]
+        keys = [k for k in self.tracker.metric_keys() if k.startswith("unlearn/")]
         if not keys:
             return []
-        write_csv({k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)]
-                   for k in keys}, folder / "unlearning.csv")
+        write_csv({k: self.tracker.metric_history(k) for k in keys}, folder / "unlearning.csv")
         return ["unlearning.csv"]
 
     def _state(self, method, evaluator, plugins, next_index: int) -> dict:

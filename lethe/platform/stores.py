@@ -8,6 +8,7 @@ naming the URI and the fix, raised before any MLflow run exists.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 from lethe.errors import ConfigError
 
@@ -17,8 +18,6 @@ SQLITE_HEADER = b"SQLite format 3\x00"   # the first 16 bytes of every SQLite da
 def check_sqlite_store(uri: str) -> None:
     """A ``sqlite:///`` store must sit in an existing folder and be an SQLite file (or not
     exist yet). The default ``./mlflow.db`` always passes: its folder is the current one."""
-    from lethe.platform.tracking import sqlite_path
-
     path = sqlite_path(uri)
     if path is None:
         return
@@ -36,18 +35,26 @@ def check_sqlite_store(uri: str) -> None:
                               f"path to start one")
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other stores and in-memory ones)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url   # MLflow's SQL stores are SQLAlchemy URLs
+
+    database = make_url(uri).database
+    return Path(database) if database and database != ":memory:" else None
+
+
 @contextlib.contextmanager
-def opening(uri: str | None):
-    """Around opening the tracking store of ``uri`` (None: MLflow's default): the checks above
-    first, and MLflow's unknown-scheme error as a ConfigError."""
+def opening(uri: str):
+    """Around opening the tracking store of ``uri`` (resolved: see
+    :func:`lethe.platform.tracking.resolve_tracking_uri`): the checks above first, and MLflow's
+    unknown-scheme error as a ConfigError."""
     from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
 
-    from lethe.platform.tracking import resolve_tracking_uri
-
-    resolved = resolve_tracking_uri(uri)
-    check_sqlite_store(resolved)
+    check_sqlite_store(uri)
     try:
-        yield resolved
+        yield
     except UnsupportedModelRegistryStoreURIException as exc:
         schemes = ", ".join(f"{s}://" for s in exc.supported_uri_schemes if s)
         raise ConfigError(f"tracking.uri={uri}: MLflow has no store for this kind of URI "
@@ -55,4 +62,4 @@ def opening(uri: str | None):
                           f"path, or http://host:5000 for a tracking server)") from None
 
 
-__all__ = ["check_sqlite_store", "opening"]
+__all__ = ["check_sqlite_store", "opening", "sqlite_path"]

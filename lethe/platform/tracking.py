@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lethe import __version__
 from lethe.errors import RunError
+from lethe.platform.stores import opening, sqlite_path
 
 log = logging.getLogger("lethe")
 
@@ -83,13 +84,13 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 def artifact_root(uri: str, experiment: str) -> str | None:
     """Artifacts of a SQLite store live next to its database, in ``<db folder>/mlartifacts/
     <experiment>``, rather than in ``./mlruns`` of whatever folder a run was started from; other
-    stores keep MLflow's default (None)."""
-    import re
-
+    stores keep MLflow's default (None). The folder name keeps letters, digits, ``_``, ``-``
+    and inner dots: an experiment named ``..`` or ``a/../b`` stays inside ``mlartifacts``."""
     if not uri.startswith("sqlite:///"):
         return None
     db = Path(uri[len("sqlite:///"):])
-    return (db.parent.resolve() / "mlartifacts" / re.sub(r"[^\w.-]+", "_", experiment)).as_uri()
+    folder = re.sub(r"[^\w.-]+", "_", experiment).lstrip(".") or "experiment"
+    return (db.parent.resolve() / "mlartifacts" / folder).as_uri()
 
 
 @contextlib.contextmanager
@@ -184,23 +185,12 @@ def store_lock(uri: str):
     if path is None:
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "a") as fh:
+    with open(path.parent / f".{path.name}.lock", "a") as fh:   # its folder: checked to exist
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (None for other stores and in-memory ones)."""
-    if not uri.startswith("sqlite:"):
-        return None
-    from sqlalchemy.engine import make_url
-
-    database = make_url(uri).database
-    return Path(database) if database and database != ":memory:" else None
 
 
 class Tracker:
@@ -210,17 +200,33 @@ class Tracker:
     def __init__(self, uri: str | None, experiment: str):
         from mlflow.tracking import MlflowClient
 
-        self.uri = resolve_tracking_uri(uri)
-        self.remote = self.uri.split(":", 1)[0] in ("http", "https", "databricks")
         self.experiment = experiment
         self.run_id: str | None = None
         self.unreachable: str | None = None   # the message, once the server could not be reached
         self._stored: dict[str, set[int]] = {}   # resumed run: the steps of each key it holds
-        with store_lock(self.uri):   # schema creation and get-or-create, one process at a time
+        # a URI the user got wrong is a ConfigError (exit 2) before any store is opened or
+        # created; schema creation and experiment get-or-create run one process at a time
+        self.uri = resolve_tracking_uri(uri)
+        with opening(self.uri), store_lock(self.uri):
+            self.remote = self.uri.split(":", 1)[0] in ("http", "https", "databricks")
             self.client = _GuardedClient(MlflowClient(tracking_uri=self.uri), self)
-            exp = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
-                experiment, artifact_location=artifact_root(self.uri, experiment))
+            self.experiment_id = self._experiment_id(experiment)
+
+    def _experiment_id(self, name: str) -> str:
+        """Get or create the experiment. The store lock spans processes on this machine only:
+        runs starting together on a tracking server can both find no experiment and both
+        create it; the loser's RESOURCE_ALREADY_EXISTS means it is there now."""
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_root(self.uri, name))
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        return self.client.get_experiment_by_name(name).experiment_id
 
     def _request(self, name: str, call, *args, **kwargs):
         """One MLflow client call. A server that cannot be reached (MLflow has retried it within
@@ -362,6 +368,26 @@ class Tracker:
     @_whole
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
+
+    @_whole
+    def log_pip_freeze(self, name: str = "pip_freeze.txt") -> None:
+        """Every installed distribution as ``name==version`` (read here: in a tracking child
+        process this is off the run's path; it reads ~200 metadata files)."""
+        from lethe.platform.environment import pip_freeze
+
+        self.client.log_text(self.run_id, pip_freeze(), name)
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every point of ``key`` in this run, by step (spans resumed segments)."""
+        return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
+
+    def metric_keys(self) -> list[str]:
+        return list(self.client.get_run(self.run_id).data.metrics)
+
+    def state(self) -> dict:
+        """What a caller in another process reads of the tracker (see tracking_process)."""
+        return {"uri": self.uri, "experiment": self.experiment, "experiment_id": self.experiment_id,
+                "remote": self.remote, "run_id": self.run_id, "unreachable": self.unreachable}
 
     def run_url(self) -> str:
         return f"{self.uri} · experiment '{self.experiment}' · run {self.run_id}"
