@@ -101,8 +101,8 @@ class Relearn(LLMUnlearner):
         import numpy as np
         import torch
 
-        from lethe.scenarios.qa_augment import make_augmenter, positive_pairs
         from lethe.metrics.knowledge import extract_entities
+        from lethe.scenarios.qa_augment import make_augmenter, positive_pairs
 
         qa = self.ctx.stream.qa
         items = []

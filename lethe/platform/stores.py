@@ -39,7 +39,7 @@ def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (None for other stores and in-memory ones)."""
     if not uri.startswith("sqlite:"):
         return None
-    from sqlalchemy.engine import make_url   # MLflow's SQL stores are SQLAlchemy URLs
+    from sqlalchemy.engine import make_url  # MLflow's SQL stores are SQLAlchemy URLs
 
     database = make_url(uri).database
     return Path(database) if database and database != ":memory:" else None

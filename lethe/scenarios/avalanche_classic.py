@@ -65,7 +65,6 @@ def _tensors(dataset, batch_size: int = 512):
 def avalanche_benchmark(cfg, seed: int):
     """Any Avalanche classic benchmark by name, with kwargs and a dataset_root."""
     import torch
-    from avalanche.benchmarks.utils import DataAttribute
 
     from lethe.scenarios.types import LEARN, Experience, Stream, TestSet
 

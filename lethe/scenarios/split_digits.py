@@ -26,8 +26,12 @@ def split_digits(cfg, seed: int):
     import torch
     from sklearn.datasets import load_digits
 
-    from lethe.scenarios.streams import (class_incremental_stream, seeded_class_order,
-                                         split_classes, stratified_split)
+    from lethe.scenarios.streams import (
+        class_incremental_stream,
+        seeded_class_order,
+        split_classes,
+        stratified_split,
+    )
 
     digits = load_digits()
     x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)  # [N, 1, 8, 8]
