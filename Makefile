@@ -22,11 +22,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
 
-# Re-resolve the newest versions the pyproject ranges allow (pip-tools, in a throwaway venv so
-# its own dependencies never enter the lock), then `make test` to check them before committing.
+# Bring requirements.lock in line with pyproject.toml (pip-tools, in a throwaway venv so its own
+# dependencies never enter the lock): pins that still fit stay; `make lock UPGRADE=1` moves every
+# package to the newest version its range allows. Then `make test` before committing the lock.
 lock:
 	@test -x .venv-lock/bin/pip-compile || ($(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install --quiet pip-tools)
-	.venv-lock/bin/pip-compile --quiet --upgrade --extra test --strip-extras --no-emit-index-url \
+	.venv-lock/bin/pip-compile --quiet $(if $(UPGRADE),--upgrade) --extra test --strip-extras --no-emit-index-url \
 		--no-emit-find-links --output-file requirements.lock pyproject.toml
 
 clean:

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from conftest import mlflow_client
 from omegaconf import OmegaConf
 
-from conftest import mlflow_client
 from lethe.metrics.lm import LMEvaluator, loss_forgetting
 from lethe.models.hf import HFCausalLMConfig, hf_causal_lm
 from lethe.models.vision import ModelInfo

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import only_run, run_cli
 
 pytestmark = pytest.mark.integration

@@ -339,7 +339,6 @@ def test_mos_forgets_less_than_sequential_adapter_tuning(pretrained, tmp_path):
 
 
 def test_config_errors_and_presets(pretrained, tmp_path):
-    from lethe.platform.runner import build_components
 
     with pytest.raises(ConfigError, match="method.merge_every"):
         build_method(tiny_cfg(pretrained, tmp_path, "method.merge_every=epoch"))

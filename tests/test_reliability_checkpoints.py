@@ -9,7 +9,6 @@ import logging
 from pathlib import Path
 
 import pytest
-
 from conftest import only_run
 
 SMALL = ["train.epochs=1", "scenario.n_experiences=3", "eval.save_predictions=false"]

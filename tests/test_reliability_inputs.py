@@ -8,7 +8,6 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-
 from conftest import mlflow_client
 
 SMALL = ["train.epochs=1", "scenario.n_experiences=2", "eval.save_predictions=false"]

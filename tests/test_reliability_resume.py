@@ -49,11 +49,13 @@ def kill_mid_experience(db, runs, args) -> dict:
     while time.monotonic() < deadline:
         meta = checkpointed(runs)
         if meta and stored_points(db, "train/loss") > 8 * meta["next_experience"]:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+            proc.send_signal(signal.SIGSTOP)   # frozen: no new checkpoint while we look again
             meta = checkpointed(runs)
-            assert stored_points(db, "train/loss") > 8 * meta["next_experience"]
-            return meta
+            if meta and stored_points(db, "train/loss") > 8 * meta["next_experience"]:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return meta
+            proc.send_signal(signal.SIGCONT)   # a checkpoint landed meanwhile: look again
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.02)
     raise AssertionError("the run logged no epoch after its first checkpoint")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import ROOT, only_run, run_cli
 
 pytestmark = pytest.mark.integration

@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import only_run, run_cli
-from lethe.errors import ConfigError
+
 from lethe.engine import schedules as S
+from lethe.errors import ConfigError
 from lethe.platform.config import load_config
 
 ETA = 0.01
@@ -150,9 +150,11 @@ HF_CASES = [(201, 0.05, 0), (100, 0.07, 0), (50, 0.0, 0), (40, 0.01, 60), (30, 0
 @pytest.mark.parametrize("T,frac,steps", HF_CASES)
 def test_warmup_linear_and_cosine_match_transformers(tmp_path, T, frac, steps):
     from transformers import TrainingArguments
-    from transformers.optimization import (get_cosine_schedule_with_warmup,
-                                           get_cosine_with_min_lr_schedule_with_warmup,
-                                           get_linear_schedule_with_warmup)
+    from transformers.optimization import (
+        get_cosine_schedule_with_warmup,
+        get_cosine_with_min_lr_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
 
     args = TrainingArguments(output_dir=str(tmp_path), warmup_steps=steps or frac, report_to="none")
     W = args.get_warmup_steps(T)                         # the Trainer's own warm-up length

@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import LETHE, ROOT, only_run, run_cli, train_by_hand
 
 STREAM = ["scenario.n_experiences=2", "model.name=mlp", "model.layers=3", "model.hidden=16",

@@ -3,7 +3,8 @@ gradient checkpointing, the same for every method (``train.*`` keys).
 
 Built on Lightning Fabric (``lightning_fabric``): its precision plugins do the autocast, the
 fp16 gradient scaler and the true-half conversion, it unscales gradients before clipping and
-steps the optimizer through the scaler, and its strategies are what multi-device runs will use.
+steps the optimizer through the scaler, and its DDP strategy runs ``lethe run --nproc N``
+(:mod:`lethe.engine.distributed`: the DDP wrapper serves the training forward only).
 Why Fabric and not Hugging Face Accelerate: Accelerate keeps its settings in process-wide
 singletons (``AcceleratorState``, ``GradientState``), so a second ``Accelerator`` with another
 precision in the same process raises ("AcceleratorState has already been initialized") — that
@@ -36,6 +37,7 @@ import os
 import warnings
 from contextlib import nullcontext
 
+from lethe.engine import distributed
 from lethe.errors import ConfigError
 
 PRECISIONS = {"fp32": "32-true", "bf16-mixed": "bf16-mixed", "fp16-mixed": "16-mixed",
@@ -73,6 +75,7 @@ class Engine:
         self.optimizer_reset = str(train.optimizer_reset)
         self.checkpointing = bool(train.gradient_checkpointing)
         self.fabric = self._fabric()
+        self.dist = self._data_parallel()   # None in a single process
         self._window: list[int] = []   # sizes of the accumulation windows left in this epoch
         self._micro = 0                # mini-batches done in the current window
 
@@ -84,10 +87,37 @@ class Engine:
                      self.device.type)
             precision = "bf16-mixed"
         cuda = self.device.type == "cuda"
+        dist = distributed.active()
         with warnings.catch_warnings():   # Fabric's hints about SLURM and AMP are not ours
             warnings.simplefilter("ignore")
-            return Fabric(accelerator="cuda" if cuda else "cpu",
-                          devices=[self.device.index or 0] if cuda else 1, precision=precision)
+            if dist is None:
+                return Fabric(accelerator="cuda" if cuda else "cpu",
+                              devices=[self.device.index or 0] if cuda else 1, precision=precision)
+            from lightning_fabric.strategies import DDPStrategy
+
+            # one rank of `lethe run --nproc N` (torchrun's environment): Fabric's DDP strategy,
+            # its process group opened by launch() (once per process)
+            fabric = Fabric(accelerator="cuda" if cuda else "cpu",
+                            devices=int(os.environ.get("LOCAL_WORLD_SIZE", distributed.world_size())),
+                            strategy=DDPStrategy(process_group_backend=distributed.backend_for(
+                                dist["backend"], self.device)), precision=precision)
+            # its lines on opening the group ("Initializing distributed", "All distributed
+            # processes registered") are not ours
+            chatter = [logging.getLogger(f"lightning_fabric.utilities.{name}")
+                       for name in ("rank_zero", "distributed")]
+            levels = [logger.level for logger in chatter]
+            for logger in chatter:
+                logger.setLevel(logging.WARNING)
+            try:
+                fabric.launch()
+            finally:
+                for logger, level in zip(chatter, levels):
+                    logger.setLevel(level)
+            return fabric
+
+    def _data_parallel(self):
+        dist = distributed.active()
+        return None if dist is None else distributed.DataParallel(self.fabric, dist["seed"])
 
     # --- the model ----------------------------------------------------------------------
     def prepare_model(self, model):
@@ -127,8 +157,20 @@ class Engine:
         """True when the mini-batch being processed is the last of its window (a real step)."""
         return self._micro + 1 >= self._window_size()
 
+    def shard(self, mbatch):
+        """This rank's part of a mini-batch (the whole of it in a single process)."""
+        return mbatch if self.dist is None else self.dist.shard(mbatch)
+
+    def training_forward(self, model, step: int):
+        """Around the template's training forward: routed through DDP when data-parallel."""
+        if self.dist is None:
+            return nullcontext()
+        return self.dist.forward(model, sync=self.window_ends(), step=step)
+
     def backward(self, loss, retain_graph: bool = False) -> None:
         size = self._window_size()
+        if self.dist is not None:   # this rank's share of the global batch's mean (distributed.py)
+            loss = loss * self.dist.weight
         self.fabric.backward(loss / size if size > 1 else loss, retain_graph=retain_graph)
 
     def step(self, optimizer, model) -> bool:

@@ -118,6 +118,7 @@ class EngineLoop:
         for self.mbatch in batches:
             if self._stop_training:
                 break
+            self.mbatch = engine.shard(self.mbatch)   # this rank's rows (--nproc N)
             self._unpack_minibatch()
             self.mbatch[0] = engine.convert_input(self.mbatch[0])
             fire["before_training_iteration"](**kwargs)
@@ -126,7 +127,8 @@ class EngineLoop:
             self.loss = self._make_empty_loss()
             fire["before_forward"](**kwargs)
             with engine.autocast():
-                self.mb_output = self.forward()
+                with engine.training_forward(self.model, self.clock.train_iterations):
+                    self.mb_output = self.forward()
                 fire["after_forward"](**kwargs)
                 self.loss += self.criterion()
             fire["before_backward"](**kwargs)

@@ -23,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_ID",
                    help="continue an interrupted run in the same MLflow run "
                         "(default: the newest unfinished run of this config)")
+    r.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train data-parallel in N processes on this machine (torchrun, DDP; "
+                        "train.batch_size is the global batch; see docs/distributed.md)")
     sw = sub.add_parser("sweep", help="run a grid × seeds of experiments (local or SLURM)",
                         description="Expand --grid values × --seeds over CONFIG, validate every member, "
                                     "and run them as child runs of one MLflow parent run. Sweep options: "
@@ -115,6 +118,15 @@ def cmd_run(args) -> int:
         overrides.insert(0, resume)
         resume = "latest"
     cfg = load_config(args.config, overrides)
+    if args.nproc is not None:
+        from lethe.engine.distributed import check_launch
+
+        check_launch(cfg, args.nproc)
+        if args.nproc > 1:
+            if args.seeds is not None or resume is not None:
+                raise ConfigError("--nproc cannot be combined with --seeds or --resume yet "
+                                  "(run each seed, or the resumed run, in one process)")
+            return _run_distributed(cfg, args.config, overrides, args.nproc)
     if args.seeds is not None:
         if resume is not None:
             raise ConfigError("--seeds and --resume cannot be combined (resume each seed's run by its id)")
@@ -123,11 +135,51 @@ def cmd_run(args) -> int:
 
     result = run_experiment(cfg, resume=resume is not None,
                             resume_run_id=None if resume in (None, "latest") else resume)
+    if result.run_id is None:   # a rank other than 0 of --nproc N: rank 0 reports
+        return EXIT_OK
     print(result.summary)
     print(f"\nMLflow run {result.run_id} FINISHED — experiment '{result.experiment}' at {result.tracking_uri}")
     print(f"open it with: mlflow ui --backend-store-uri {result.tracking_uri}")
     print(f"checkpoint and log: {result.checkpoint_dir}")
     return EXIT_OK
+
+
+def _run_distributed(cfg, config: str, overrides: list[str], nproc: int) -> int:
+    """``--nproc N``: N ranks through torchrun. Rank 0 ends its MLflow run itself; a rank that
+    dies (or is stopped by torchrun after another failed) cannot, so the launcher marks the run
+    FAILED when any rank failed, KILLED when the launcher was interrupted."""
+    from lethe.engine.distributed import launch
+
+    with tempfile.TemporaryDirectory(prefix="lethe-dist-") as folder:
+        try:
+            code, failed_rank = launch(nproc, ["run", config, *overrides], folder)
+        except KeyboardInterrupt as exc:
+            exc.lethe_run_id = _end_run(cfg, folder, "KILLED")
+            raise
+        if code == EXIT_OK:
+            return EXIT_OK
+        run_id = _end_run(cfg, folder, "FAILED")
+        print(f"lethe: run failed: rank {failed_rank} of {nproc} exited with code {code}; the other "
+              f"ranks were stopped" + (f"; MLflow run {run_id} is marked FAILED" if run_id else ""),
+              file=sys.stderr)
+        return code
+
+
+def _end_run(cfg, folder: str, status: str) -> str | None:
+    """Mark the run rank 0 announced ``status`` (FAILED whatever rank 0 recorded: a failing rank
+    fails the run; KILLED only while it is still RUNNING); returns its id."""
+    from pathlib import Path
+
+    path = Path(folder, "run_id")
+    if not path.exists():
+        return None   # no run was started (e.g. a config error raised on every rank)
+    from lethe.platform.tracking import Tracker
+
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    tracker.run_id = path.read_text()
+    if status == "FAILED" or tracker.client.get_run(tracker.run_id).info.status == "RUNNING":
+        tracker.end(status)
+    return tracker.run_id
 
 
 def cmd_sweep(args) -> int:
@@ -188,6 +240,12 @@ def _crash_log(exc: BaseException) -> str:
     return path
 
 
+def _rank_tag() -> str:
+    """``[rank k] `` in a rank other than 0 of ``--nproc N`` (rank 0's lines read as one run's)."""
+    rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    return f"[rank {rank}] " if rank else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     import logging
     import warnings
@@ -234,10 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     except LetheError as exc:
         where = getattr(exc, "log_path", None)
         kind = "error" if exc.exit_code == EXIT_INPUT else "run failed"
-        print(f"lethe: {kind}: {exc}" + (f" (full log: {where})" if where else ""), file=sys.stderr)
+        print(f"lethe: {_rank_tag()}{kind}: {exc}" + (f" (full log: {where})" if where else ""), file=sys.stderr)
         return exc.exit_code
     except Exception as exc:  # a bug or an unexpected library error: message + log, no traceback
-        print(f"lethe: run failed: {type(exc).__name__}: {exc} (full log: {_crash_log(exc)})",
+        print(f"lethe: {_rank_tag()}run failed: {type(exc).__name__}: {exc} (full log: {_crash_log(exc)})",
               file=sys.stderr)
         return EXIT_RUN
 

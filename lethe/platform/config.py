@@ -16,6 +16,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
 from lethe import registry
+from lethe.engine.distributed import check_config as check_distributed
 from lethe.engine.engine import check_config as check_engine
 from lethe.engine.schedules import LRScheduleConfig
 from lethe.engine.schedules import check_config as check_lr_schedule
@@ -73,6 +74,13 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """``lethe run CONFIG --nproc N`` (docs/distributed.md); no effect in a single process."""
+    strategy: str = "ddp"         # ddp (fsdp: not available yet)
+    backend: str = "auto"         # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
@@ -85,6 +93,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 CHOICES = {
@@ -231,7 +240,7 @@ def validate(raw: DictConfig | dict) -> DictConfig:
         sub = getattr(exc, "full_key", "") or ""
         section = sub.split(".")[0]
         schema = {"train": TrainConfig, "eval": EvalConfig, "tracking": TrackingConfig,
-                  "checkpoint": CheckpointConfig}.get(section)
+                  "checkpoint": CheckpointConfig, "distributed": DistributedConfig}.get(section)
         if sub.startswith("train.lr_schedule."):
             schema = LRScheduleConfig
         keys = [f.name for f in dataclasses.fields(schema)] if schema and "." in sub else top_keys
@@ -270,6 +279,7 @@ def _check_choices(cfg: DictConfig) -> None:
         raise ConfigError("bad value for 'train.lr': must be > 0")
     check_lr_schedule(cfg.train.lr_schedule)
     check_engine(cfg.train)
+    check_distributed(cfg.distributed)
     _check_validation(cfg)
 
 

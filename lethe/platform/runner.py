@@ -133,26 +133,31 @@ class Runner:
             return self._run()
 
     def _run(self) -> RunResult:
+        from lethe.engine import distributed
         from lethe.platform.tracking_process import open_tracker
 
         cfg = self.cfg
         self.checkpointer = None if self.resume_folder is None else ckpt.Checkpointer(
             self.resume_folder.parent, self.resume_folder.name)
         meta = self.checkpointer.meta() if self.checkpointer else {}
-        # a local store opens in a child process while torch, Avalanche and the stream load
-        self.tracker = open_tracker(meta.get("tracking_uri") or cfg.tracking.uri,
-                                    meta.get("experiment") or cfg.tracking.experiment)
+        distributed.configure(cfg.distributed, cfg.seed)   # one rank of `--nproc N`, or nothing
+        # a local store opens in a child process while torch, Avalanche and the stream load;
+        # with --nproc N only rank 0 tracks (one run whatever the process count)
+        self.lead = distributed.is_lead()
+        self.tracker = (open_tracker if self.lead else distributed.NullTracker)(
+            meta.get("tracking_uri") or cfg.tracking.uri, meta.get("experiment") or cfg.tracking.experiment)
         try:
             return self._tracked(meta)
         finally:
             self.tracker.close()
 
     def _tracked(self, meta: dict) -> RunResult:
+        from lethe.engine.distributed import announce_run, rank_device
         from lethe.platform.run_lock import run_folder_lock
 
         cfg = self.cfg
-        seed_everything(cfg.seed, cfg.deterministic)
-        device = pick_device(cfg.device)
+        seed_everything(cfg.seed, cfg.deterministic)   # every rank alike: the shuffles must agree
+        device = rank_device(pick_device(cfg.device))
         stream, model, method_entry = build_components(cfg)
         if self.expect_fingerprints is not None:
             check_fingerprints(stream, self.expect_fingerprints)
@@ -169,12 +174,17 @@ class Runner:
         handler = None
         try:   # from here on every failure ends the run (FAILED or KILLED), none leaves it RUNNING
             self._begin(tracker, meta, stream)
-            if self.checkpointer is None:
+            announce_run(tracker.run_id)
+            if self.checkpointer is None and self.lead:   # rank 0 alone writes files
                 self.checkpointer = ckpt.Checkpointer(cfg.checkpoint.dir, tracker.run_id)
-            if self.resume_folder is None:
+            if self.resume_folder is None and self.lead:
                 self._held.enter_context(run_folder_lock(self.checkpointer.dir, resuming=False))
-            self.checkpointer.write_config(self.config_yaml)
-            handler = self._file_log()
+            if self.lead:
+                self.checkpointer.write_config(self.config_yaml)
+                handler = self._file_log()
+            else:   # no run.log here: without a handler Python would print every record to stderr
+                handler = logging.NullHandler()
+                logging.getLogger("lethe").addHandler(handler)
             result = self._loop(stream, method, evaluator, plugins, state)
             tracker.end("FINISHED")
             return result
@@ -247,7 +257,7 @@ class Runner:
         for exp in tqdm(stream.experiences[start:], desc=self.cfg.name, unit="exp", initial=start,
                         total=n, disable=None):
             final = self._serve(exp, n, method, evaluator, plugins)
-            if self.cfg.checkpoint.enabled:
+            if self.cfg.checkpoint.enabled and self.lead:
                 self._save(method, evaluator, plugins, exp.index + 1, n, finished=False)
         return self._finish(method, evaluator, plugins, final, n)
 
@@ -358,6 +368,7 @@ class Runner:
                 "experiment": self.tracker.experiment, "config_hash": self.cfg_hash,
                 "next_experience": next_index, "n_experiences": n, "finished": finished,
                 "config": self.cfg.name}
+        self.tracker.flush()   # what a checkpoint covers is stored before it is written
         self.checkpointer.save(self._state(method, evaluator, plugins, next_index), meta)
 
     def _finish(self, method, evaluator, plugins, final: dict, n: int) -> RunResult:
@@ -368,6 +379,9 @@ class Runner:
         from lethe.platform import report
 
         tracker, store = self.tracker, evaluator.store
+        if not self.lead:   # --nproc N: rank 0 writes the artifacts and the checkpoint
+            return RunResult(run_id=None, tracking_uri=tracker.uri, experiment=tracker.experiment,
+                             status="FINISHED", final=final)
         title = f"{self.cfg.name}: {self.cfg.method.name}"
         tracker.log_text(report.accuracy_csv(store), "accuracy_matrix.csv")
         tracker.log_figure(report.accuracy_figure(store, title), "accuracy_matrix.png", report.DPI)

@@ -369,6 +369,9 @@ class Tracker:
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
 
+    def flush(self) -> None:
+        """Every write is done when its call returns (cf. tracking_process.TrackerProcess)."""
+
     @_whole
     def log_pip_freeze(self, name: str = "pip_freeze.txt") -> None:
         """Every installed distribution as ``name==version`` (read here: in a tracking child

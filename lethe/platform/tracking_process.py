@@ -89,6 +89,14 @@ class TrackerProcess:
                 return self._answer()
         return call
 
+    def flush(self) -> None:
+        """Wait until the child has done every write sent so far (raising the first error).
+        The runner calls it before each checkpoint: a checkpoint's metrics are in the store."""
+        from lethe.platform.tracking import deferred_interrupt
+
+        with deferred_interrupt():
+            self.ready()._drain()
+
     def _write(self, message) -> None:
         """A write returns before the child has done it (it runs while the run goes on); its
         error, if any, is raised by a later call, at the latest by ``end``. Answers are read as

@@ -1,0 +1,285 @@
+"""Data-parallel training over several processes: ``lethe run CONFIG --nproc N``.
+
+The CLI re-launches itself through ``torch.distributed.run`` (torchrun: standalone rendezvous,
+N local processes, no restarts); every process runs the same run. In each, the training engine
+builds Lightning Fabric with its ``ddp`` strategy (backend ``distributed.backend``: ``auto`` =
+nccl on CUDA, gloo on CPU; Fabric opens the process group) and wraps the model in torch's
+``DistributedDataParallel`` through that strategy.
+
+What stays the same as one process, and why:
+
+- **The global batch.** The template's loader (or the fast path's, or a plugin's, e.g.
+  replay's) yields the single-process mini-batch on every rank, in the same order: the order is
+  drawn from torch's global RNG, which every rank seeds with the run seed and keeps in step.
+  Each rank keeps the rows ``rank::N`` of it (a DistributedSampler over each batch), so the
+  per-rank batch is ``train.batch_size / N``. DDP averages the ranks' gradients; each rank's
+  loss is scaled by ``N · n_rank / n_batch`` so that this average is the gradient of the mean
+  loss over the whole batch, also for a last batch that does not split evenly (a term the
+  same on every rank, such as EWC's penalty, keeps its weight: the scales average to 1).
+- **The model as methods see it.** Methods, plugins, checkpoints and the evaluator keep the
+  plain module (its parameter names, ``strategy.model is self.model``); only the template's
+  training forward is routed through the DDP wrapper (:meth:`DataParallel.forward`), which
+  DDP needs to all-reduce the backward that follows. A forward that bypasses it would train
+  each rank on its own shard unseen, so the engine refuses the step instead.
+- **Randomness.** Draws inside the training forward (dropout) come from a per-rank generator
+  seeded from the run seed, the rank and the iteration (:func:`rank_seed`), so ranks draw
+  different masks and the shared RNG stays in step for the next shuffle.
+
+One run whatever the process count: rank 0 alone opens the tracker and writes checkpoints and
+artifacts (the others get :class:`NullTracker`); every rank evaluates the full test set on its
+identical model. Not yet distributed: FSDP, resume, the evaluation itself (see
+docs/distributed.md).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from lethe.errors import ConfigError, RunError
+
+STRATEGIES = ("ddp", "fsdp")
+BACKENDS = ("auto", "nccl", "gloo")
+RUN_DIR_ENV = "LETHE_DIST_DIR"   # set by the launcher: where rank 0 writes the run id
+_settings: dict | None = None   # this process's distributed: section, set by the runner
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0")) if world_size() > 1 else 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0")) if world_size() > 1 else 0
+
+
+def is_lead() -> bool:
+    """Rank 0 (or a single process): the one that talks to MLflow and writes files."""
+    return rank() == 0
+
+
+def check_config(dist) -> None:
+    """ConfigError for a bad ``distributed:`` setting (called by the config loader)."""
+    from lethe.registry import check_choice
+
+    check_choice("distributed.strategy", dist.strategy, STRATEGIES)
+    check_choice("distributed.backend", dist.backend, BACKENDS)
+
+
+def check_launch(cfg, nproc: int) -> None:
+    """What ``--nproc N`` needs of a config, checked before any process starts."""
+    if nproc < 1:
+        raise ConfigError(f"bad value for --nproc: {nproc} (must be ≥ 1)")
+    if cfg.distributed.strategy == "fsdp":
+        raise ConfigError("distributed.strategy=fsdp is not available yet; use distributed.strategy=ddp")
+    if cfg.train.batch_size % nproc:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split over --nproc {nproc}: "
+                          f"the global batch is divided evenly between the processes; pick a batch "
+                          f"size divisible by {nproc}")
+    if str(cfg.device).startswith("cuda:"):
+        raise ConfigError(f"device={cfg.device} with --nproc: each process takes its own GPU "
+                          f"(LOCAL_RANK); use device=cuda or auto")
+
+
+def configure(dist, seed: int) -> None:
+    """Record this process's ``distributed:`` settings and run seed when it is one rank of
+    several (the engines built in it then train data-parallel)."""
+    global _settings
+    _settings = {"strategy": str(dist.strategy), "backend": str(dist.backend), "seed": int(seed)} \
+        if world_size() > 1 else None
+
+
+def active() -> dict | None:
+    return _settings if world_size() > 1 else None
+
+
+def backend_for(backend: str, device) -> str:
+    return ("nccl" if device.type == "cuda" else "gloo") if backend == "auto" else backend
+
+
+def rank_device(device):
+    """This rank's device: its own GPU (``cuda:LOCAL_RANK``) when the run is on CUDA."""
+    import torch
+
+    if world_size() > 1 and device.type == "cuda":
+        return torch.device("cuda", local_rank())
+    return device
+
+
+def rank_seed(seed: int, rank_: int, step: int = 0) -> int:
+    """A seed for draws that must differ between ranks, derived from the run seed."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), int(rank_), int(step)]).generate_state(1)[0])
+
+
+def announce_run(run_id: str) -> None:
+    """Rank 0 tells the launcher its MLflow run id (the launcher ends the run when a rank dies)."""
+    folder = os.environ.get(RUN_DIR_ENV)
+    if folder and is_lead() and run_id:
+        Path(folder, "run_id").write_text(run_id)
+
+
+class DataParallel:
+    """One engine's DDP: the wrapper, the batch shard, the routed forward."""
+
+    def __init__(self, fabric, seed: int):
+        _avalanche_as_one_process()
+        self.fabric = fabric
+        self.rank, self.world = rank(), world_size()
+        self.seed = seed
+        self.weight = 1.0         # this rank's loss scale for the current mini-batch
+        self._ddp = None
+        self._wrapped: tuple = ()  # the trainable parameters the wrapper was built for
+        self._routed = False      # the current step's forward went through the wrapper
+
+    def wrapper(self, model):
+        """The DDP wrapper of ``model``, built again only when its trainable parameters
+        changed (a method that adds a head or an adapter between experiences)."""
+        params = tuple(id(p) for p in model.parameters() if p.requires_grad)
+        if self._ddp is None or self._ddp.module is not model or params != self._wrapped:
+            self._ddp = self.fabric.strategy.setup_module(model)
+            self._wrapped = params
+        return self._ddp
+
+    def shard(self, mbatch):
+        """This rank's rows (``rank::world``) of every batch-sized tensor of ``mbatch``; sets
+        :attr:`weight`. A batch with fewer rows than ranks leaves some ranks none: they run one
+        row with weight 0 (DDP needs every rank's backward)."""
+        import torch
+
+        n = _batch_rows(mbatch)
+        rows = torch.arange(self.rank, n, self.world)
+        self.weight = self.world * len(rows) / n if n else 0.0
+        if len(rows) == 0:
+            rows = torch.arange(min(n, 1))
+        return [_take(item, rows, n) for item in mbatch]
+
+    @contextlib.contextmanager
+    def forward(self, model, sync: bool, step: int):
+        """Route ``model``'s forward through DDP while the template computes its forward (its
+        ``self.model`` stays the plain module, as in Fabric's ``mark_forward_method``); gradient
+        sync only on the last mini-batch of an accumulation window; dropout per rank."""
+        import torch
+
+        ddp = self.wrapper(model)
+        self._routed = False
+
+        def routed(*args, **kwargs):
+            del model.forward              # DDP calls the module: its own forward this time
+            try:
+                self._routed = True
+                return ddp(*args, **kwargs)
+            finally:
+                model.forward = routed
+
+        model.forward = routed
+        device = next(model.parameters()).device
+        try:
+            with contextlib.ExitStack() as stack:
+                if not sync:
+                    stack.enter_context(ddp.no_sync())
+                stack.enter_context(torch.random.fork_rng(
+                    devices=[device.index or 0] if device.type == "cuda" else [],
+                    device_type=device.type if device.type == "cuda" else "cuda"))
+                torch.manual_seed(rank_seed(self.seed, self.rank, step))
+                yield
+        finally:
+            vars(model).pop("forward", None)
+        if not self._routed:
+            raise RunError(f"this method's training forward does not call its model "
+                           f"({type(model).__name__}) but parts of it, so DDP cannot average the "
+                           f"gradients between processes; run it without --nproc")
+
+
+def _avalanche_as_one_process() -> None:
+    """Avalanche's own distributed mode switches on when a process group exists: its loaders
+    (the template's, replay's) then shard the data with a DistributedSampler (per-rank batch =
+    train_mb_size, another order), and loggers refuse to exist outside rank 0. lethe shards
+    the template's batches itself (above), so Avalanche runs on every rank as in one process;
+    its helper (a process-wide singleton with no setting for this) is told so here."""
+    from avalanche.distributed.distributed_helper import _DistributedHelperCls as Helper
+
+    Helper.is_distributed = property(lambda self: False)
+    Helper.rank = property(lambda self: 0)
+    Helper.world_size = property(lambda self: 1)
+
+
+def _batch_rows(mbatch) -> int:
+    import torch
+
+    return next((len(t) for t in mbatch if isinstance(t, torch.Tensor) and t.dim()), 0)
+
+
+def _take(item, rows, n: int):
+    import torch
+
+    if isinstance(item, torch.Tensor) and item.dim() and len(item) == n:
+        return item[rows.to(item.device)]
+    return item
+
+
+class NullTracker:
+    """The tracker of ranks other than 0: accepts every call, records nothing."""
+
+    run_id = None
+    unreachable = None
+    remote = False
+
+    def __init__(self, uri: str | None, experiment: str):
+        self.uri, self.experiment = uri, experiment
+
+    def ready(self):
+        return self
+
+    def metric_history(self, key: str) -> list:
+        return []
+
+    def metric_keys(self) -> list:
+        return []
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None
+
+
+def torchrun_args(nproc: int, argv: list[str]) -> list[str]:
+    """torchrun's arguments for N local copies of ``lethe`` with ``argv``."""
+    return ["--standalone", "--nnodes=1", f"--nproc-per-node={nproc}", "--max-restarts=0",
+            "--module", "lethe.platform.cli", *argv]
+
+
+def launch(nproc: int, argv: list[str], folder: str) -> tuple[int, int | None]:
+    """Run ``lethe argv`` in ``nproc`` processes; returns (exit code, the first failing rank or
+    None). torchrun stops the other ranks as soon as one fails."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
+
+    for name in ("torch.distributed.elastic", "torch.distributed.run"):   # its own chatter
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    os.environ[RUN_DIR_ENV] = folder
+    os.environ.setdefault("OMP_NUM_THREADS", "1")   # torchrun's default, without its banner
+    try:
+        torchrun(get_args_parser().parse_args(torchrun_args(nproc, argv)))
+    except ChildFailedError as exc:
+        failed_rank, failure = exc.get_first_failure()
+        code = failure.exitcode
+        return (code if code > 0 else 1), failed_rank
+    except SignalException:   # SIGTERM on the launcher: torchrun has stopped the ranks
+        raise KeyboardInterrupt from None
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)
+    return 0, None
+
+
+__all__ = ["DataParallel", "NullTracker", "STRATEGIES", "BACKENDS", "check_config", "check_launch",
+           "configure", "active", "world_size", "rank", "local_rank", "is_lead", "rank_seed",
+           "rank_device", "backend_for", "announce_run", "launch", "torchrun_args"]
