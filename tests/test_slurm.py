@@ -117,9 +117,10 @@ def test_slurm_sweep_runs_a_2x2_grid_as_one_array_job(slurm_env, tmp_path):
 
 def test_scontrol_requeue_resumes_the_same_run_from_its_checkpoint(slurm_env, tmp_path):
     n = 5
-    # enough epochs that a member is still training when the requeue's SIGKILL arrives
+    # enough epochs that a member is still training when the requeue's SIGKILL arrives (KillWait
+    # is 5 s; 400 epochs make an experience last several seconds)
     proc = subprocess.Popen([LETHE, "sweep", CONF, "--grid", "method.mem_size=20", "executor=slurm",
-                             "train.epochs=80", f"scenario.n_experiences={n}",
+                             "train.epochs=400", f"scenario.n_experiences={n}",
                              *store(tmp_path, "requeue")],
                             cwd=tmp_path, env=slurm_env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

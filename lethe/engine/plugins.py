@@ -90,9 +90,22 @@ class TrainProgress(RunnerPlugin):
             self.bar.set_postfix(loss=f"{float(self._losses[-1].sum()):.3f}", refresh=False)
 
     def _epoch_losses(self) -> list[float]:
+        """Every iteration's loss; under ``--nproc N`` the sample-weighted mean over the ranks'
+        shards (``_sizes`` becomes the global batch sizes), which is the single-process loss."""
         import torch
 
-        return torch.stack([v.reshape(()) for v in self._losses]).double().tolist()
+        from lethe.engine import distributed
+
+        losses = torch.stack([v.reshape(()) for v in self._losses]).double()
+        if distributed.world_size() == 1:
+            return losses.tolist()
+        import torch.distributed as dist
+
+        sizes = torch.tensor(self._sizes, dtype=torch.float64, device=losses.device)
+        both = torch.stack([losses * sizes, sizes])
+        dist.all_reduce(both)   # every rank ends its epochs together: a collective is safe here
+        self._sizes = both[1].tolist()
+        return (both[0] / both[1]).tolist()
 
     def after_training_epoch(self, strategy, **kwargs):
         if self.bar is not None:

@@ -6,6 +6,7 @@ import os
 import sys
 import tempfile
 import traceback
+from pathlib import Path
 
 from lethe.errors import ConfigError, LetheError
 
@@ -159,17 +160,16 @@ def _run_distributed(cfg, config: str, overrides: list[str], nproc: int) -> int:
         if code == EXIT_OK:
             return EXIT_OK
         run_id = _end_run(cfg, folder, "FAILED")
-        print(f"lethe: run failed: rank {failed_rank} of {nproc} exited with code {code}; the other "
-              f"ranks were stopped" + (f"; MLflow run {run_id} is marked FAILED" if run_id else ""),
-              file=sys.stderr)
+        said = Path(folder, f"error.{failed_rank}")
+        first = said.read_text() if said.exists() else f"lethe: run failed: exit code {code}"
+        print(f"{first} [rank {failed_rank} of {nproc}; the other ranks were stopped"
+              + (f"; MLflow run {run_id} is marked FAILED]" if run_id else "]"), file=sys.stderr)
         return code
 
 
 def _end_run(cfg, folder: str, status: str) -> str | None:
     """Mark the run rank 0 announced ``status`` (FAILED whatever rank 0 recorded: a failing rank
     fails the run; KILLED only while it is still RUNNING); returns its id."""
-    from pathlib import Path
-
     path = Path(folder, "run_id")
     if not path.exists():
         return None   # no run was started (e.g. a config error raised on every rank)
@@ -240,10 +240,16 @@ def _crash_log(exc: BaseException) -> str:
     return path
 
 
-def _rank_tag() -> str:
-    """``[rank k] `` in a rank other than 0 of ``--nproc N`` (rank 0's lines read as one run's)."""
-    rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
-    return f"[rank {rank}] " if rank else ""
+def _report(line: str) -> None:
+    """A command's error line. In a rank of ``--nproc N`` it goes to the launcher's folder
+    instead: several ranks often fail alike, and the launcher says the first one, once."""
+    from lethe.engine.distributed import RUN_DIR_ENV, rank, world_size
+
+    folder = os.environ.get(RUN_DIR_ENV)
+    if folder and world_size() > 1:
+        Path(folder, f"error.{rank()}").write_text(line)
+        return
+    print(line, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,11 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     except LetheError as exc:
         where = getattr(exc, "log_path", None)
         kind = "error" if exc.exit_code == EXIT_INPUT else "run failed"
-        print(f"lethe: {_rank_tag()}{kind}: {exc}" + (f" (full log: {where})" if where else ""), file=sys.stderr)
+        _report(f"lethe: {kind}: {exc}" + (f" (full log: {where})" if where else ""))
         return exc.exit_code
     except Exception as exc:  # a bug or an unexpected library error: message + log, no traceback
-        print(f"lethe: {_rank_tag()}run failed: {type(exc).__name__}: {exc} (full log: {_crash_log(exc)})",
-              file=sys.stderr)
+        _report(f"lethe: run failed: {type(exc).__name__}: {exc} (full log: {_crash_log(exc)})")
         return EXIT_RUN
 
 
