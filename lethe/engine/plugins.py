@@ -11,6 +11,11 @@ from lethe.errors import RunError
 class RunnerPlugin:
     """What the runner asks of its plugins besides Avalanche's callbacks."""
 
+    # its per-iteration callbacks compute no gradients (they read the loss, set the lr,
+    # validate under inference_mode): the engine's loop may then keep the gradients its last
+    # optimizer step zeroed instead of zeroing them again (lethe.engine.template)
+    GRAD_FREE = True
+
     def state_dict(self) -> dict:
         """State that changes results when lost at a resume (checkpointed). None by default."""
         return {}

@@ -64,6 +64,28 @@ def iteration_hooks(strategy) -> dict:
     return fire
 
 
+BETWEEN_STEPS = ("after_update", "after_training_iteration", "before_training_iteration")
+
+
+def zero_each_window(strategy) -> bool:
+    """Whether gradients must be zeroed at every accumulation window's start, as Avalanche's
+    loop does after ``before_training_iteration``: when a plugin acting between one optimizer
+    step (which zeroes them) and the next forward may compute gradients (A-GEM computes its
+    memory's in ``before_training_iteration``). False only when every plugin acting there is
+    marked ``GRAD_FREE`` (lethe's runner plugins); the first window of an epoch always zeroes."""
+    from avalanche.training.templates.base_sgd import BaseSGDTemplate
+
+    if type(strategy).optimizer_step is not EngineLoop.optimizer_step:
+        return True   # a subclass's own step may not zero them
+    for event in BETWEEN_STEPS:
+        trigger = "_" + event
+        if getattr(type(strategy), trigger) is not getattr(BaseSGDTemplate, trigger):
+            return True
+        if any(_acts(p, event) and not getattr(p, "GRAD_FREE", False) for p in strategy.plugins):
+            return True
+    return False
+
+
 def _fire_all(strategy, hooks, **kwargs) -> None:
     for hook in hooks:
         hook(strategy, **kwargs)
@@ -88,33 +110,35 @@ class EngineLoop:
 
     engine = None
 
-    _fast = None   # (the template's loader, TensorBatches standing in for it)
+    _hooks = None   # (the plugins they were computed for, iteration_hooks, zero_each_window)
 
     def make_train_dataloader(self, **kwargs):
-        """The template's loader, and the tensor fast path when it applies (lethe.engine.fastdata):
-        the template's own loader, default arguments but ``shuffle``, a plain tensor dataset."""
+        """The tensor fast path when it applies (lethe.engine.fastdata) — the template's own
+        loader, default arguments but ``shuffle``, a plain tensor dataset: its batches stand in
+        for the template's loader (a plugin may still replace them, as replay does) — else the
+        template's own loader."""
+        if not set(kwargs) - {"num_workers", "shuffle", "pin_memory", "persistent_workers"} \
+                and _template_makes_loader(type(self)):
+            columns = gather(self.adapted_dataset)
+            if columns is not None:
+                self.dataloader = TensorBatches(columns, self.train_mb_size,
+                                                kwargs.get("shuffle", True), self.device)
+                return
         super().make_train_dataloader(**kwargs)
-        self._fast = None
-        if set(kwargs) - {"num_workers", "shuffle", "pin_memory", "persistent_workers"} \
-                or not _template_makes_loader(type(self)):
-            return
-        columns = gather(self.adapted_dataset)
-        if columns is not None:
-            batches = TensorBatches(columns, self.train_mb_size, kwargs.get("shuffle", True),
-                                    self.device)
-            self._fast = (self.dataloader, batches)
 
-    def _epoch_batches(self):
-        """The fast path's batches unless a plugin replaced the loader since (e.g. replay)."""
-        if self._fast is not None and self._fast[0] is self.dataloader:
-            return self._fast[1]
-        return self.dataloader
+    def _iteration_hooks(self) -> tuple[dict, bool]:
+        """iteration_hooks and zero_each_window, computed again only when the plugins changed."""
+        key = tuple(map(id, self.plugins))
+        if self._hooks is None or self._hooks[0] != key:
+            self._hooks = (key, iteration_hooks(self), zero_each_window(self))
+        return self._hooks[1:]
 
     def training_epoch(self, **kwargs):
         engine = self.engine
-        batches = self._epoch_batches()
-        fire = iteration_hooks(self)
+        batches = self.dataloader   # the fast path's batches or a loader (replay's, ...)
+        fire, zero_always = self._iteration_hooks()
         engine.begin_epoch(len(batches))
+        first = True
         for self.mbatch in batches:
             if self._stop_training:
                 break
@@ -122,8 +146,9 @@ class EngineLoop:
             self._unpack_minibatch()
             self.mbatch[0] = engine.convert_input(self.mbatch[0])
             fire["before_training_iteration"](**kwargs)
-            if engine.window_starts():
-                self.optimizer.zero_grad(set_to_none=True)
+            if engine.window_starts() and (first or zero_always):
+                self.optimizer.zero_grad(set_to_none=True)   # else the last step zeroed them
+                first = False
             self.loss = self._make_empty_loss()
             fire["before_forward"](**kwargs)
             with engine.autocast():
@@ -153,4 +178,5 @@ class EngineLoop:
         self.engine.reset_optimizer(self.optimizer)
 
 
-__all__ = ["engine_template", "EngineLoop", "iteration_hooks", "ITERATION_EVENTS"]
+__all__ = ["engine_template", "EngineLoop", "iteration_hooks", "zero_each_window",
+           "ITERATION_EVENTS"]
