@@ -112,3 +112,58 @@ def test_hft_run_logs_trainable_fraction_every_stage(store):
     assert all(m.value == pytest.approx(0.5) for m in hist)
     assert 0.3 < res.final["params/frac_trainable"] < 0.8
     assert "ppl/exp_2" in res.final
+
+
+class MomentWatch:
+    """Records the optimizer's state when every stage starts, and the first AdamW update of
+    each stage: the gradient going in (before_update) and the moments coming out (after_update)."""
+
+    def __init__(self):
+        self.state_at_start, self.first = [], []
+        self._grads = None
+
+    def before_training_epoch(self, strategy, **kwargs):
+        if len(self.first) == len(self.state_at_start):          # first epoch of a new stage
+            self.state_at_start.append(len(strategy.optimizer.state))
+            self._grads = None
+
+    def before_update(self, strategy, **kwargs):
+        if self._grads is None:
+            self._grads = {n: p.grad.detach().clone() for n, p in strategy.model.named_parameters()
+                           if p.grad is not None}
+
+    def after_update(self, strategy, **kwargs):
+        if len(self.first) < len(self.state_at_start):
+            named = dict(strategy.model.named_parameters())
+            st = strategy.optimizer.state
+            self.first.append({n: {k: v.detach().clone() if torch.is_tensor(v) else v
+                                   for k, v in st[named[n]].items()}
+                               for n in self._grads if named[n] in st})
+            self.first[-1]["__grads__"] = self._grads
+
+
+def test_hft_resets_optimizer_moments_each_stage():
+    watch = MomentWatch()
+    stream, hft = build([], [watch])          # the preset itself: optimizer_reset=experience
+    assert hft.ctx.train.optimizer_reset == "experience"
+    for exp in stream.experiences:
+        hft.learn(exp)
+    # the state is empty when every stage starts (the first stage trivially)
+    assert watch.state_at_start == [0, 0, 0]
+    # a matrix trained in stage 0, frozen in stage 1 (AdamW keeps its moments: no grad, no
+    # update) and trained again in stage 2 must start stage 2 from fresh moments
+    frozen1 = tuple(f + "." for f in hft.history[1])
+    frozen0 = tuple(f + "." for f in hft.history[0])
+    frozen2 = tuple(f + "." for f in hft.history[2])
+    inside = tuple(name + "." for name, _ in hft.layers)
+    revived = [n for n, _ in hft.model.named_parameters() if n.startswith(inside) and
+               n.startswith(frozen1) and not n.startswith(frozen0) and not n.startswith(frozen2)]
+    assert revived, "the seeded frozen sets should give a trained-frozen-trained matrix"
+    b1, b2 = hft.strategy.optimizer.param_groups[0]["betas"]
+    first2 = watch.first[2]
+    for n in revived:
+        g, st = first2["__grads__"][n], first2[n]
+        # a fresh AdamW after one step (by hand): step 1, m = (1-b1)·g, v = (1-b2)·g²
+        assert float(st["step"]) == 1.0
+        torch.testing.assert_close(st["exp_avg"], (1 - b1) * g)
+        torch.testing.assert_close(st["exp_avg_sq"], (1 - b2) * g * g)

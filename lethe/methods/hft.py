@@ -15,6 +15,11 @@ layers and ⌊n/2⌋ in the others. For Llama this is exactly the paper's rule. 
 the final norm and the LM head stay trainable (``train_outside_layers``; the paper leaves
 this open).
 
+Each stage is its own fine-tuning run in the paper, so the presets set
+``train.optimizer_reset: experience``: AdamW's moments and step counts are cleared when a stage
+starts, and a matrix frozen in one stage and trainable again later does not resume moments
+that are stages old (tests/test_hft.py checks the optimizer state).
+
 A run should show: ``hft/frac_frozen`` ≈ 0.5 every stage, a different frozen set
 each stage, frozen matrices bitwise unchanged through their stage, less forgetting than full
 fine-tuning on a shifting corpus stream, and faster steps (benchmarks/lm_cost.py).

@@ -29,6 +29,15 @@ class UnlearnConfig:
     optimizer: str = "adamw"   # adamw | adam | sgd
     stop_at_target: bool = False  # stop once forget MA ≤ unseen MA (checked every check_every steps)
     check_every: int = 1
+    # the unlearning phase's own optimisation (the official TOFU-lineage scripts: AdamW with
+    # weight decay 0.01, 2 × 16 accumulated rows per step, one epoch of linear warm-up, linear decay)
+    weight_decay: float = 0.0  # weight decay of the unlearning optimizer
+    grad_accum_steps: int = 0  # forget batches per optimizer step; 0 = train.grad_accum_steps
+    lr_schedule: str = ""      # "" = train.lr_schedule; none | warmup_linear | cosine: this phase's own
+    warmup_epochs: float = 0.0  # warm-up of method.lr_schedule in unlearning epochs (official: 1)
+    warmup_steps: int = 0      # ... or in optimizer steps; both 0 = train.lr_schedule.warmup_frac
+
+UNLEARN_SCHEDULES = ("", "none", "warmup_linear", "cosine")
 
 
 def lm_nll(logits, targets):
@@ -36,6 +45,34 @@ def lm_nll(logits, targets):
     import torch
 
     return torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100)
+
+
+def check_unlearn_optimisation(cfg) -> None:
+    """ConfigError for a bad unlearning-phase optimisation setting."""
+    if cfg.lr_schedule not in UNLEARN_SCHEDULES:
+        raise ConfigError(f"bad value for 'method.lr_schedule': '{cfg.lr_schedule}' (choose none, "
+                          f"warmup_linear or cosine; empty = follow train.lr_schedule)")
+    for key in ("weight_decay", "grad_accum_steps", "warmup_epochs", "warmup_steps"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"bad value for 'method.{key}': {getattr(cfg, key)} (must be ≥ 0)")
+    if (cfg.warmup_epochs or cfg.warmup_steps) and cfg.lr_schedule not in ("warmup_linear", "cosine"):
+        raise ConfigError("method.warmup_epochs / method.warmup_steps set a warm-up of the unlearning "
+                          "schedule: set method.lr_schedule=warmup_linear (or cosine) too")
+
+
+def unlearn_schedule(cfg, train_schedule, steps_per_epoch: int):
+    """The lr schedule node of the unlearning phase: train.lr_schedule unless method.lr_schedule
+    names one; a warm-up of ``warmup_epochs`` epochs is ``max(1, round(epochs × steps per
+    epoch))`` optimizer steps of this loop."""
+    from omegaconf import OmegaConf
+
+    if not cfg.lr_schedule:
+        return train_schedule
+    warm = int(cfg.warmup_steps)
+    if cfg.warmup_epochs:
+        warm = max(1, round(float(cfg.warmup_epochs) * steps_per_epoch))
+    return OmegaConf.merge(train_schedule, {"name": cfg.lr_schedule, "warmup_steps": warm,
+                                            "eta_max": None})
 
 
 class LLMUnlearner(Method):
@@ -52,6 +89,7 @@ class LLMUnlearner(Method):
         if cfg.stop_at_target and "unseen" not in stream.qa.splits:
             raise ConfigError("method.stop_at_target needs an unseen split (unseen_perturbed.json) "
                               "to compare memorisation accuracy with; set stop_at_target: false")
+        check_unlearn_optimisation(cfg)
 
     # --- hooks ------------------------------------------------------------------------------
     def unlearn_loss(self, fx, fy, rx, ry):
@@ -90,12 +128,11 @@ class LLMUnlearner(Method):
     # --- serving a request --------------------------------------------------------------------
     def unlearn(self, request) -> None:
         import torch
-        from tqdm.auto import tqdm
 
-        from lethe.engine.loop import fit, make_optimizer
+        from lethe.engine.loop import make_optimizer
 
         t0 = time.perf_counter()
-        cfg, dev = self.cfg, self.ctx.device
+        cfg = self.cfg
         pool = self.ctx.stream.train
         gone = torch.isin(pool.ids, torch.as_tensor(request.sample_ids))
         self.deleted = gone | getattr(self, "deleted", torch.zeros_like(gone))
@@ -107,7 +144,26 @@ class LLMUnlearner(Method):
         self.prepare_unlearning(fx, fy, rx, ry)
         fx, fy = self.forget_rows(fx, fy, request)
         opt = make_optimizer(self.trainable(), SimpleNamespace(
-            optimizer=cfg.optimizer, lr=cfg.lr, momentum=0.9, weight_decay=0.0))
+            optimizer=cfg.optimizer, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay))
+        train_accum = self.engine.accum
+        self.engine.accum = int(cfg.grad_accum_steps) or train_accum   # this phase only
+        try:
+            reached, steps = self._unlearn_loop(opt, fx, fy, rx, ry)
+        finally:
+            self.engine.accum = train_accum
+        self.finish_unlearning()
+        self.model.eval()
+        self.stats = {"serve_s": time.perf_counter() - t0, "unlearn_steps": steps,
+                      "target_reached": float(reached) if cfg.stop_at_target else float("nan")}
+
+    def _unlearn_loop(self, opt, fx, fy, rx, ry) -> tuple[bool, int]:
+        """The unlearning epochs through the engine; returns (target reached, optimizer steps)."""
+        import torch
+        from tqdm.auto import tqdm
+
+        from lethe.engine.loop import fit
+
+        cfg, dev = self.cfg, self.ctx.device
         gen = torch.Generator().manual_seed(self.ctx.seed + 7919)
         target = self._target_rows() if cfg.stop_at_target else None
         state = {"calls": 0, "reached": False}
@@ -126,8 +182,9 @@ class LLMUnlearner(Method):
             return loss
 
         per_epoch = -(-len(fx) // cfg.batch_size)             # mini-batches (ceil)
-        bar = tqdm(total=cfg.epochs * -(-per_epoch // self.engine.accum),   # optimizer steps
-                   desc=f"unlearn ({self.name})", unit="step", disable=None)
+        steps_per_epoch = -(-per_epoch // self.engine.accum)  # optimizer steps (ceil)
+        bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"unlearn ({self.name})", unit="step",
+                   disable=None)
 
         def on_step(steps: int) -> bool:
             bar.update(1)
@@ -136,14 +193,10 @@ class LLMUnlearner(Method):
             return state["reached"]
 
         steps = fit(self.engine, self.model, opt, cfg.epochs, batches, loss_fn,
-                    f"unlearning ({self.name})", lr_schedule=self.ctx.train.lr_schedule,
-                    base_lr=cfg.lr, on_step=on_step)
-        reached = state["reached"]
+                    f"unlearning ({self.name})", base_lr=cfg.lr, on_step=on_step,
+                    lr_schedule=unlearn_schedule(cfg, self.ctx.train.lr_schedule, steps_per_epoch))
         bar.close()
-        self.finish_unlearning()
-        self.model.eval()
-        self.stats = {"serve_s": time.perf_counter() - t0, "unlearn_steps": steps,
-                      "target_reached": float(reached) if target is not None else float("nan")}
+        return state["reached"], steps
 
     def unlearn_stats(self) -> dict:
         return dict(getattr(self, "stats", {}))

@@ -152,20 +152,37 @@ def relative_fisher_rows(lm, forget_batches, modules, retain_fisher, n_retain):
     return rows, _squared_grad_pass(lm, forget_batches, modules, add)
 
 
-def fila_factors(weight, row_w, rank: int, scale: float):
-    """Weighted rank-r SVD of diag(w)·W (W [out, in], float64): returns (A [r, in], B [out, r])
-    with s·B·A the row-weighted rank-r approximation of W (s = alpha / r)."""
+SVDS = ("lowrank", "exact")
+
+
+def top_singular(matrix, rank: int, svd: str = "exact", seed: int = 0):
+    """(U [out, r], S [r], V [in, r]) of ``matrix``: ``exact`` = the full SVD truncated;
+    ``lowrank`` = torch.svd_lowrank(q=r), the official code's randomised SVD, its random
+    projection seeded by ``seed`` (the caller's RNG streams are untouched)."""
     import torch
 
-    u, s_vals, vh = torch.linalg.svd(row_w[:, None] * weight, full_matrices=False)
-    u, s_vals, v = u[:, :rank], s_vals[:rank], vh[:rank].t()
+    if svd == "lowrank":
+        devices = [matrix.device] if matrix.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(seed))
+            return torch.svd_lowrank(matrix, q=rank)
+    u, s_vals, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u[:, :rank], s_vals[:rank], vh[:rank].t()
+
+
+def fila_factors(weight, row_w, rank: int, scale: float, svd: str = "exact", seed: int = 0):
+    """Weighted rank-r SVD of diag(w)·W (W [out, in], float64): returns (A [r, in], B [out, r])
+    with s·B·A the row-weighted rank-r approximation of W (s = alpha / r); ``svd`` as in
+    :func:`top_singular`."""
+    u, s_vals, v = top_singular(row_w[:, None] * weight, rank, svd, seed)
     root = (s_vals / scale).sqrt()                    # sqrt(S'), S' = S / s
     a = (v * root).t()                                # [r, in]
     b = (1.0 / (row_w + EPS))[:, None] * (u * root)   # [out, r]
     return a, b
 
 
-def fila_init(lm, forget_batches, retain_batches, rank: int = 4, alpha=None, target_modules=None):
+def fila_init(lm, forget_batches, retain_batches, rank: int = 4, alpha=None, target_modules=None,
+              svd: str = "exact", seed: int = 0):
     """Wrap the Hugging Face causal LM ``lm`` with peft LoRA adapters initialised by FILA.
 
     ``forget_batches`` / ``retain_batches``: iterables of ``(input_ids, targets)``; the
@@ -173,6 +190,7 @@ def fila_init(lm, forget_batches, retain_batches, rank: int = 4, alpha=None, tar
     row weights w from the relative Fisher, A, B from the weighted rank-r SVD, and
     W ← W − s·B·A so the wrapped model computes the same function as ``lm``. Returns the peft
     model with only LoRA A/B trainable; ``model.fila_row_weights`` maps each target name to w.
+    ``svd``/``seed``: the SVD of :func:`top_singular` (lowrank seeded per weight from ``seed``).
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -202,7 +220,7 @@ def fila_init(lm, forget_batches, retain_batches, rank: int = 4, alpha=None, tar
     inner = model.get_base_model()
     row_weights = {}
     with torch.no_grad():
-        for n in names:
+        for k, n in enumerate(names):
             layer = inner.get_submodule(n)
             base = layer.base_layer
             is_conv = is_conv1d(base)
@@ -210,7 +228,7 @@ def fila_init(lm, forget_batches, retain_batches, rank: int = 4, alpha=None, tar
             w64 = _weight_out_in(base).double()
             # w_i = sqrt(Σ_j F_rel[i, j]), F_rel = (F_f/N_f) / (F_r/N_r + eps)
             row_w = (rel_rows.pop(n) / n_f).sqrt().to(w64.device)
-            a, b = fila_factors(w64, row_w, rank, scale)
+            a, b = fila_factors(w64, row_w, rank, scale, svd, seed + k)
             residual = w64 - scale * (b @ a)
             dtype = base.weight.dtype
             layer.lora_A["default"].weight.copy_(a.to(dtype))
@@ -231,6 +249,8 @@ class LokuConfig(UnlearnConfig):
     target_modules: list = field(default_factory=list)  # [] = every linear layer but the LM head
     retain_weight: float = 1.0     # L_IHL(forget) + retain_weight · NLL(retain) (paper: 1)
     fila: bool = True              # False: plain LoRA init (B = 0), the paper's ablation
+    fila_svd: str = "lowrank"      # lowrank: torch.svd_lowrank(q=r), seeded (the official code);
+                                   # exact: the full SVD truncated to rank r
 
 
 @register_method("loku", config=LokuConfig, kinds=("learn", "forget"))
@@ -238,6 +258,13 @@ class Loku(LLMUnlearner):
     """LoKU: IHL on the forget set + NLL on the retain set, through FILA-initialised LoRA."""
 
     name = "loku"
+
+    @classmethod
+    def check_stream(cls, cfg, stream, seed: int) -> None:
+        from lethe.registry import check_choice
+
+        check_choice("method.fila_svd", cfg.fila_svd, SVDS)
+        super().check_stream(cfg, stream, seed)
 
     def prepare_unlearning(self, fx, fy, rx, ry) -> None:
         import torch
@@ -253,8 +280,9 @@ class Loku(LLMUnlearner):
         ridx = torch.randperm(len(rx), generator=gen)[:len(fx)]
         retain = [(rx[ridx[i:i + bs]].to(dev), ry[ridx[i:i + bs]].to(dev)) for i in range(0, len(ridx), bs)]
         try:   # targets are aligned with the inputs already (no shift inside)
-            self.model.lm = fila_init(self.model.lm, forget, retain, cfg.rank,
-                                      cfg.alpha or None, list(cfg.target_modules) or None)
+            self.model.lm = fila_init(self.model.lm, forget, retain, cfg.rank, cfg.alpha or None,
+                                      list(cfg.target_modules) or None, cfg.fila_svd,
+                                      self.ctx.seed + 15485863)
         except ValueError as exc:
             raise ConfigError(f"method (loku): {exc}") from None
 

@@ -272,15 +272,29 @@ def _check_choices(cfg: DictConfig) -> None:
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
         raise ConfigError(f"bad value for 'device': '{dev}' (use auto, cpu, cuda or cuda:N)")
-    for key in ("train.epochs", "train.batch_size"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"bad value for '{key}': must be ≥ 1")
+    if OmegaConf.select(cfg, "train.batch_size") < 1:
+        raise ConfigError("bad value for 'train.batch_size': must be ≥ 1")
+    _check_epochs(cfg)
     if cfg.train.lr <= 0:
         raise ConfigError("bad value for 'train.lr': must be > 0")
     check_lr_schedule(cfg.train.lr_schedule)
     check_engine(cfg.train)
     check_distributed(cfg.distributed)
     _check_validation(cfg)
+
+
+def _check_epochs(cfg: DictConfig) -> None:
+    """train.epochs ≥ 1, except 0 for a TOFU stream started from a checkpoint already fine-tuned
+    on TOFU (model.path): its learn experiences are then served without training."""
+    epochs = cfg.train.epochs
+    if epochs >= 1:
+        return
+    if epochs < 0 or cfg.scenario.get("name") != "tofu":
+        raise ConfigError("bad value for 'train.epochs': must be ≥ 1 (0 is allowed only for "
+                          "scenario.name=tofu with model.path a checkpoint already fine-tuned on TOFU)")
+    if not cfg.model.get("path"):
+        raise ConfigError("train.epochs=0 skips TOFU's fine-tuning, so the model must already be "
+                          "fine-tuned on it: set model.path to that checkpoint (or train.epochs ≥ 1)")
 
 
 def _check_validation(cfg: DictConfig) -> None:
