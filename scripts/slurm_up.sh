@@ -61,7 +61,11 @@ if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
 fi
 
 # --- slurm.conf --------------------------------------------------------------------------
-CPUS="$(nproc)"
+# GNU nproc honours OMP_NUM_THREADS (often 1 in test runs): ask without it. At least 2 CPUs are
+# declared (config_overrides: slurmd accepts more than it finds; task/none binds nothing) so
+# a 2-task job, one data-parallel run of two ranks, can be scheduled on a 1-core machine too.
+CPUS="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
+[ "$CPUS" -ge 2 ] || CPUS=2
 MEM_MB="$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)"
 cat >"$CONF.new" <<CONF
 # written by lethe scripts/slurm_up.sh: a one-node cluster for tests
@@ -87,6 +91,7 @@ SlurmdPidFile=$STATE/run/slurmd.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
 SlurmdLogFile=$STATE/log/slurmd.log
 ReturnToService=2
+SlurmdParameters=config_overrides
 # short grace period between SIGTERM and SIGKILL: requeue/cancel in tests take seconds
 KillWait=5
 # a requeued job waits cred_expire+1 s before it may start again (default 120 s)

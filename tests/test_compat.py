@@ -188,9 +188,10 @@ def predictions(stream, method) -> torch.Tensor:
 
 
 def test_pct_with_a_heavy_distillation_term_copies_the_old_version():
-    # λ = 10, L2: the new (wider) MLP is pulled onto the old MLP's logits, so it makes the old
-    # model's predictions; naive_update on the same data and init flips many more of them
-    over = ["method.lam=10", "method.distance=l2", "train.epochs=5",
+    # λ = 200 (½·mean over 10 classes: λ = 10 on the summed squares), L2: the new (wider) MLP
+    # is pulled onto the old MLP's logits, so it makes the old model's predictions;
+    # naive_update on the same data and init flips many more of them
+    over = ["method.lam=200", "method.distance=l2", "train.epochs=5",
             "scenario.versions=[{fraction: 0.5, model: {name: mlp, hidden: 16, layers: 1}},"
             "{fraction: 1.0, model: {name: mlp, hidden: 64, layers: 1}}]"]
     stream, pct = make_method("compat_pct_digits", over)

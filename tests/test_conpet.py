@@ -53,9 +53,10 @@ class Batches:
         self.y.append(strategy.mb_y.clone())
 
 
-def test_static_masks_unseen_classes_and_replays_memory():
+def test_static_with_mask_unseen_masks_unseen_classes_and_replays_a_capped_memory():
     rec = Batches()
-    stream, m = build("conpet_static_text", ["method.batch_limit_policy=per_task"], [rec])
+    stream, m = build("conpet_static_text", ["method.batch_limit_policy=per_task",
+                                             "method.mask_unseen=true"], [rec])
     first, second = m.task_classes[0], m.task_classes[1]
     m.learn(stream.experiences[0])
     assert {len(v) for v in [m.memory[0][m.pool.y[m.memory[0]] == c] for c in first]} == {6}
@@ -69,6 +70,71 @@ def test_static_masks_unseen_classes_and_replays_memory():
     assert len(later) == 2 * 6 * 2                                 # per_task: 6 × 2 tasks per epoch
     assert all(sum(int(c) in first for c in y) == 8 for y in later)  # half of 16 replayed
     assert set(torch.cat(later).tolist()) == set(first) | set(second)
+
+
+class BatchIds:
+    def __init__(self):
+        self.ids = []
+
+    def before_training_iteration(self, strategy, **kwargs):
+        self.ids.append(strategy.mbatch[2].clone())   # (x, y, sample id, task) rows
+
+
+# the official settings: no per-class cap on the replay memory
+FULL = [o for o in TINY if not o.startswith("method.mem_per_class")]
+
+
+@pytest.mark.parametrize("preset", ["conpet_static_text", "conpet_dynamic_text"])
+def test_conpet_replays_from_full_earlier_data(preset):
+    """By default (mem_per_class=0) the memory of a finished task is every one of its training
+    rows, and the next stage's replayed half draws from all of them, not from a per-class cap."""
+    from lethe.methods.conpet import ConPETStaticConfig
+
+    rec = BatchIds()
+    cfg = load_config(preset, FULL)
+    torch.manual_seed(cfg.seed)
+    stream, model, entry = build_components(cfg)
+    m = entry.obj(cfg.method, model, MethodContext(train=cfg.train, device=torch.device("cpu"),
+                                                   stream=stream, seed=cfg.seed, plugins=[rec]))
+    pool = stream.train
+    task0 = set(pool.ids[pool.exp == 0].tolist())      # every training row of task 0, by id
+    m.learn(stream.experiences[0])
+    assert set(pool.ids[m.memory[0]].tolist()) == task0
+    n0 = len(rec.ids)
+    m.learn(stream.experiences[1])
+    old = [int(i) for b in rec.ids[n0:] for i in b if int(i) in task0]
+    assert len(old) == len(rec.ids[n0:]) * 8           # half of each batch of 16 replayed
+    # 6 batches × 2 epochs × 8 draws from task 0's rows: far more distinct rows than a cap of
+    # 6 per class (12 for its 2 classes) could hold
+    per_class = Counter(int(pool.y[pool.ids == i]) for i in set(old))
+    assert len(per_class) == 2 and min(per_class.values()) > 6, per_class
+    assert ConPETStaticConfig().mem_per_class == 0     # the default, not only the presets'
+
+
+def test_conpet_static_head_is_unmasked():
+    """Official static ConPET: one head over every label, unseen ones included: predictions are
+    the model's raw logits, and training moves the head rows of classes not yet seen (a masked
+    head gives them no gradient; no weight decay here)."""
+    stream, m = build("conpet_static_text")
+    assert m.ctx.train.weight_decay == 0
+    head = dict(m.model.named_parameters())
+    name = next(n for n in head if "head" in n.split(".")[0] and n.endswith("weight"))
+    before = head[name].detach().clone()
+    m.learn(stream.experiences[0])
+    first = m.task_classes[0]
+    unseen = [c for c in range(stream.n_classes) if c not in first]
+    x = stream.test.x[:5]
+    m.model.eval()
+    with torch.no_grad():
+        logits, raw = m.predict(x, stream.test.task[:5]), m.model(x)
+    assert torch.equal(logits, raw) and (logits[:, unseen] != -100.0).all()
+    after = dict(m.model.named_parameters())[name].detach()
+    assert all(not torch.equal(before[c], after[c]) for c in unseen)   # trained against
+    stream, m = build("conpet_static_text", ["method.mask_unseen=true"])
+    before = dict(m.model.named_parameters())[name].detach().clone()
+    m.learn(stream.experiences[0])
+    after = dict(m.model.named_parameters())[name].detach()
+    assert all(torch.equal(before[c], after[c]) for c in unseen)       # the masked option
 
 
 def test_dynamic_old_experts_frozen_bitwise_cached_logits_and_routing():
@@ -167,3 +233,22 @@ def test_dynamic_run_resumes_to_the_same_numbers(store, tmp_path, monkeypatch):
     a = torch.load(full.checkpoint_dir / "state.pt", weights_only=True)["method"]["model"]
     b = torch.load(resumed.checkpoint_dir / "state.pt", weights_only=True)["method"]["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)   # every expert, bitwise
+
+
+@pytest.mark.integration
+def test_conpet_dynamic_keeps_the_best_validated_epoch(store):
+    """The official best-epoch selection through the platform (conpet_dynamic_local's settings:
+    eval.every_epochs=1, eval.val_fraction=0.2, checkpoint.select=best): every learn stage logs
+    the epoch it kept, and the kept model's validation accuracy is the best one validated in
+    that stage."""
+    sel = ["eval.every_epochs=1", "eval.val_fraction=0.2", "checkpoint.select=best", "train.epochs=3"]
+    res = run_experiment(load_config("conpet_dynamic_text", TINY + sel + store["overrides"]))
+    client = mlflow_client(store["uri"])
+    val = sorted(client.get_metric_history(res.run_id, "val/acc"), key=lambda m: m.step)
+    kept = sorted(client.get_metric_history(res.run_id, "select/val_acc"), key=lambda m: m.step)
+    epochs = sorted(client.get_metric_history(res.run_id, "select/epoch"), key=lambda m: m.step)
+    assert len(val) == 3 * 3 and len(kept) == len(epochs) == 3      # 3 stages × 3 epochs
+    for stage in range(3):
+        accs = [m.value for m in val[3 * stage:3 * stage + 3]]
+        assert kept[stage].value == max(accs)
+        assert accs[int(epochs[stage].value) - 1] == max(accs)      # the first best epoch

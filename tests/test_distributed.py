@@ -10,9 +10,14 @@ identical predictions.
 """
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import time
+
 import pytest
 import torch
-from conftest import ROOT, mlflow_client, only_run, run_cli
+from conftest import LETHE, ROOT, mlflow_client, only_run, run_cli
 
 from lethe.engine import distributed
 from lethe.errors import ConfigError
@@ -87,11 +92,6 @@ def test_a_batch_that_does_not_split_is_refused_before_any_process_starts(tmp_pa
     assert not (tmp_path / "mlflow.db").exists()   # no run was started
 
 
-def test_nproc_refuses_resume(tmp_path):
-    proc = run_cli(["run", "split_digits", "--nproc", "2", "--resume"], cwd=tmp_path, timeout=120)
-    assert proc.returncode == 2 and "--nproc cannot be combined with --seeds or --resume" in proc.stderr
-
-
 # --- real runs ---------------------------------------------------------------------------
 def _run(tmp_path, name: str, extra: list[str], nproc: int | None):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -150,3 +150,95 @@ def test_a_failing_run_is_failed_and_leaves_no_process(tmp_path):
     client = mlflow_client(uri)
     runs = client.search_runs([client.get_experiment_by_name("bad").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def _kill_all_mid_stream(args: list[str], folder) -> int:
+    """Start ``lethe args`` and SIGKILL the launcher and both ranks together once a checkpoint
+    after experience 2 exists and the run is not finished (a node lost mid-stream); returns the
+    checkpoint's next experience."""
+    import psutil
+
+    proc = subprocess.Popen(LETHE + args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        for meta_path in folder.glob("*/meta.json"):
+            try:
+                meta = json.loads(meta_path.read_text())
+            except json.JSONDecodeError:   # being replaced
+                continue
+            if 2 <= meta["next_experience"] < meta["n_experiences"]:
+                family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+                for p in family:
+                    p.send_signal(signal.SIGKILL)
+                proc.wait()
+                psutil.wait_procs(family, timeout=30)
+                return meta["next_experience"]
+        time.sleep(0.01)
+    raise AssertionError("no checkpoint after experience 2 appeared")
+
+
+@pytest.mark.integration
+def test_both_ranks_killed_then_resumed_match_the_uninterrupted_run(tmp_path):
+    """--resume with --nproc 2: the launcher finds the checkpoint and every rank loads it (model,
+    optimizer, evaluator, RNG state shared by all ranks); the resumed run continues the same
+    MLflow run and ends where the uninterrupted 2-process run ends: the same arithmetic in the
+    same order, so final metrics and weights are bitwise equal."""
+    ref, uri = _run(tmp_path, "whole", [], nproc=2)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    _, whole = only_run(uri, "whole")
+    args = ["run", "split_digits", *SMALL, f"tracking.uri={uri}", "tracking.experiment=cut",
+            f"checkpoint.dir={tmp_path / 'cut'}", "--nproc", "2"]
+    assert _kill_all_mid_stream(args, tmp_path / "cut") >= 2
+    client, cut = only_run(uri, "cut")
+    assert cut.info.status == "RUNNING"                      # nobody could end it
+    res = run_cli(args + ["--resume"], cwd=ROOT, timeout=420)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming run" in res.stdout
+    client, run = only_run(uri, "cut")                       # the same run, now FINISHED
+    assert run.info.run_id == cut.info.run_id and run.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "acc/avg_seen"))
+    assert steps == [0, 1, 2, 3, 4]                          # each experience logged once
+    for key in FINAL_KEYS:
+        assert run.data.metrics[key] == whole.data.metrics[key], key
+    mine = _model_state(tmp_path / "cut", run.info.run_id)
+    theirs = _model_state(tmp_path / "whole", whole.info.run_id)
+    for key in theirs:
+        assert torch.equal(mine[key], theirs[key]), key
+
+
+@pytest.mark.integration
+def test_seeds_with_nproc_are_child_runs_of_one_parent(tmp_path):
+    """--seeds 2 --nproc 2: the launcher opens the parent run, each seed is one 2-process run
+    tagged as its child, and the parent holds mean and sample std of the children's finals."""
+    from lethe import tags as T
+
+    proc, uri = _run(tmp_path, "seeds", ["--seeds", "2"], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = mlflow_client(uri)
+    runs = client.search_runs([client.get_experiment_by_name("seeds").experiment_id])
+    parents = [r for r in runs if r.data.tags.get(T.ROLE) == T.PARENT]
+    children = sorted((r for r in runs if r.data.tags.get(T.ROLE) == T.CHILD),
+                      key=lambda r: int(r.data.params["seed"]))
+    assert len(parents) == 1 and len(children) == 2 and len(runs) == 3
+    parent = parents[0]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert [r.data.params["seed"] for r in children] == ["0", "1"]
+    assert {r.data.tags[T.PARENT_RUN] for r in children} == {parent.info.run_id}
+    a, b = (r.data.metrics["acc/avg_seen"] for r in children)
+    assert parent.data.metrics["acc/avg_seen/mean"] == pytest.approx((a + b) / 2, abs=1e-12)
+    # sample std of two values: |a - b| / sqrt(2)
+    assert parent.data.metrics["acc/avg_seen/std"] == pytest.approx(abs(a - b) / 2 ** 0.5, abs=1e-12)
+
+
+@pytest.mark.parametrize("preset, why", [
+    ("conpet_dynamic_text", "its training forward runs the selected experts"),
+    ("conpet_static_text", "get no gradient in some steps")])
+def test_a_method_that_cannot_train_distributed_is_refused_at_config_time(tmp_path, preset, why):
+    """Refused before any process starts (exit 2, no MLflow run), not mid-run by DDP."""
+    proc = run_cli(["run", preset, "--nproc", "2"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"method '{preset.rsplit('_', 1)[0]}' cannot train in several processes" in proc.stderr
+    assert why in proc.stderr and "run it in one process" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "mlflow.db").exists()

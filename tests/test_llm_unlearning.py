@@ -19,6 +19,7 @@ pytest.importorskip("peft")
 from lethe import registry  # noqa: E402
 from lethe.errors import RunError  # noqa: E402
 from lethe.methods.base import MethodContext  # noqa: E402
+from lethe.methods.relearn import RelearnConfig  # noqa: E402
 from lethe.platform.config import load_config  # noqa: E402
 from lethe.platform.runner import build_components  # noqa: E402
 
@@ -234,18 +235,32 @@ def test_loku_starts_unchanged_changes_only_lora_weights_and_serves_the_merge(le
 
 # --- relearn -------------------------------------------------------------------------------------
 
-def my_kl(model, ref, x, y):
-    """KL(p_ref ‖ p_θ) per counted position, averaged, computed position by position."""
-    mask = y != -100
-    lp = torch.log_softmax(model.lm(input_ids=x).logits.double(), -1)[mask]
-    lr = torch.log_softmax(ref.lm(input_ids=x).logits.double(), -1)[mask]
-    return float((lr.exp() * (lr - lp)).sum(-1).mean())
+def my_kl(model, ref, x, y, answer_only: bool = False):
+    """KL(p_ref ‖ p_θ) averaged over every position of the batch (the official
+    kl_div(batchmean) of the flattened sequence), or over the counted ones only, summed
+    position by position in a python loop."""
+    lp = torch.log_softmax(model.lm(input_ids=x).logits.double(), -1)     # [B, L, V]
+    lr = torch.log_softmax(ref.lm(input_ids=x).logits.double(), -1)
+    total, n = 0.0, 0
+    for b in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            if answer_only and int(y[b, t]) == -100:
+                continue
+            total += float((lr[b, t].exp() * (lr[b, t] - lp[b, t])).sum())
+            n += 1
+    return total / n
 
 
-def test_relearn_kl_is_zero_at_the_first_step_then_positive_and_is_in_the_loss(learned):
+@pytest.mark.parametrize("positions", ["all", "answer"])
+def test_relearn_kl_over_all_positions(learned, positions):
+    """The KL term is averaged over every retain position by default (kl_positions=all, the
+    official code), over answer tokens with kl_positions=answer; zero at the first step (model
+    == reference), positive after; CE + CE + KL with weights 1."""
     stream = learned["stream"]
     m = make(learned, "relearn_tofu_synthetic", ["method.epochs=1", "method.batch_size=8",
-                                                 "method.rank=0", "method.lr=0.003"])
+                                                 "method.rank=0", "method.lr=0.003",
+                                                 f"method.kl_positions={positions}"])
+    assert RelearnConfig().kl_positions == "all"       # the default (the toy preset pins answer)
     ref = copy.deepcopy(learned["model"])
     steps = spy_steps(m)
     m.unlearn(request_of(stream))
@@ -254,10 +269,13 @@ def test_relearn_kl_is_zero_at_the_first_step_then_positive_and_is_in_the_loss(l
     for s in steps:
         at = model_at(learned["model"], s["w"])
         with torch.no_grad():
-            kl = my_kl(at, ref, s["rx"], s["ry"])
+            kl = my_kl(at, ref, s["rx"], s["ry"], answer_only=positions == "answer")
+            other = my_kl(at, ref, s["rx"], s["ry"], answer_only=positions == "all")
             hand = my_nll(at, s["fx"], s["fy"]) + my_nll(at, s["rx"], s["ry"]) + kl
         kls.append(kl)
         assert s["loss"] == pytest.approx(float(hand), rel=1e-4, abs=1e-5)   # CE + CE + KL, weights 1
+        if kl > 1e-6:   # the two averages differ: the test tells them apart
+            assert abs(kl - other) > 1e-3 * kl
     assert abs(kls[0]) < 1e-9                          # model == reference at the first step
     assert all(k > 1e-6 for k in kls[1:])
     assert not hasattr(m, "reference")                 # the frozen copy is dropped once served
@@ -271,10 +289,10 @@ def facts_of(folder: Path) -> list[str]:
     return [str(a[k]) for a in authors for k in kinds]
 
 
-def test_relearn_augmented_answers_carry_no_forget_fact_and_cuts_follow_answer(learned):
+def test_relearn_lethe_style_answers_carry_no_forget_fact_and_cuts_follow_answer(learned):
     stream = learned["stream"]
     tok = stream.qa.tokenizer
-    m = make(learned, "relearn_tofu_synthetic")
+    m = make(learned, "relearn_tofu_synthetic", ["method.augment_style=lethe"])
     req = request_of(stream)
     fx, fy, _ = forget_rows(stream)
     x, y = m.forget_rows(fx, fy, req)
@@ -306,6 +324,58 @@ def test_relearn_augmented_answers_carry_no_forget_fact_and_cuts_follow_answer(l
         assert tok.encode(f"Question: {question} {prefix}\nAnswer:") not in prompts
     for p in cut_prompts:
         assert p in prompts, tok.decode(p)
+
+
+def test_relearn_cut_matches_official_format(learned):
+    """Official augmentation (augment_style=official, the default): per forget item the
+    original question with its original answer plus question variants with vague answers;
+    then each of those gets a cut copy (first ⌊25%⌋ of its answer's space-separated words as
+    the question, the rest of the same answer as the target); then ⌊1.2 × all⌋ positive pairs
+    (~55% of the data). The cut rows put the prefix in the question slot of the prompt format."""
+    from lethe.methods.relearn import official_cut
+    from lethe.scenarios.qa_augment import KINDS
+
+    # by hand: 8 words → 2 in the prompt; 3 words → int(0.75) = 0: an empty prompt, all 3 targets
+    cut = official_cut([{"question": "q", "answer": "a b c d e f g h"}, {"question": "r", "answer": "x y z"}])
+    assert [(c["question"], c["answer"]) for c in cut[2:]] == [("a b", "c d e f g h"), ("", "x y z")]
+    assert cut[:2] == [{"question": "q", "answer": "a b c d e f g h"}, {"question": "r", "answer": "x y z"}]
+
+    stream = learned["stream"]
+    tok, qa = stream.qa.tokenizer, stream.qa
+    assert RelearnConfig().augment_style == "official"   # the default (the toy preset pins lethe)
+    m = make(learned, "relearn_tofu_synthetic", ["method.augment_style=official"])
+    req = request_of(stream)
+    samples = m.augmented(req)
+    base = [s for s in samples if s["kind"] not in ("cut", "positive")]
+    cuts = [s for s in samples if s["kind"] == "cut"]
+    pos = [s for s in samples if s["kind"] == "positive"]
+    qa_items = [qa.train_items[i] for i in torch.as_tensor(req.sample_ids).tolist()
+                if "question" in qa.train_items[i]]
+    originals = [(s["question"], s["answer"]) for s in base if s["kind"] == "original"]
+    for item in qa_items:                              # the original pair is kept, answer unchanged
+        assert (item["question"], item["answer"]) in originals
+    variants = [s for s in base if s["kind"] in KINDS]
+    assert len(variants) == 4 * len(originals)
+    assert all(s["answer"] not in {a for _, a in originals} for s in variants)   # vague answers
+    want = []
+    for s in base:                                     # one cut copy each, written out here
+        words = s["answer"].split(" ")
+        k = len(words) // 4
+        want.append((" ".join(words[:k]), " ".join(words[k:])))
+    assert [(c["question"], c["answer"]) for c in cuts] == want
+    assert len(pos) == (12 * len(base + cuts)) // 10   # int(1.2 · n), in integers
+    assert 0.5 < len(pos) / len(samples) < 0.6
+    # the encoded cut rows: "Question: <prefix>\nAnswer:" uncounted, the rest of the answer counted
+    x, y = m.forget_rows(None, None, req)
+    assert len(x) == len(samples)
+    for i, c in enumerate(samples):
+        if c["kind"] != "cut" or not c["question"]:
+            continue
+        prompt = tok.encode(f"Question: {c['question']}\nAnswer:")
+        counted = (y[i] != -100).nonzero().flatten()
+        assert x[i, :len(prompt)].tolist() == prompt and int(counted[0]) == len(prompt) - 1
+        # the rest of the answer and <eos> (cut at the stream's row length, like every QA row)
+        assert y[i][counted].tolist() == (tok.encode(" " + c["answer"]) + [tok.eos])[:len(counted)]
 
 
 @pytest.mark.parametrize("rank", [0, 4])
@@ -383,8 +453,10 @@ def test_relearn_with_lora_takes_the_adapter_free_base_as_reference_without_a_co
     full.prepare_unlearning(*forget_rows(stream)[:2], None, None)
     assert held_weight_bytes(full) == 2 * base          # full fine-tuning: model + frozen copy
 
+    # no LoRA dropout: the hand recomputation below runs the model deterministically
     m = make(learned, "relearn_tofu_synthetic", ["method.epochs=1", "method.batch_size=8",
-                                                 "method.rank=4", "method.lr=0.01"])
+                                                 "method.rank=4", "method.lr=0.01",
+                                                 "method.lora_dropout=0", "method.kl_positions=all"])
     steps, inner = [], m.unlearn_loss
 
     def spy(fx, fy, rx, ry):

@@ -34,7 +34,7 @@ def hand_pct(distance, alpha, beta, T):
         if distance == "kl":
             d = T * T * kl(softmax(z_old, T), softmax(z_new, T))
         else:
-            d = sum((a - b) ** 2 for a, b in zip(z_old, z_new))
+            d = sum((a - b) ** 2 for a, b in zip(z_old, z_new)) / len(z_old) / 2   # ½·mean
         total += w * d
     return total / len(Y)
 
@@ -50,11 +50,30 @@ def test_pct_loss_equals_hand_computed_reference(distance, alpha, beta, T):
     assert float(got.detach()) == pytest.approx(hand_pct(distance, alpha, beta, T), rel=1e-9)
 
 
-def test_pct_l2_numbers_written_out():
-    # sample 0: w = 1 + 5 = 6, ‖(2−1, 0.5−1.5, −1−0)‖² = 1 + 1 + 1 = 3 → 18
-    # sample 1: w = 1,         ‖(0−0.5, 1−2, 3+0.5)‖² = 0.25 + 1 + 12.25 = 13.5 → 13.5
+def test_pct_l2_matches_reference_scale():
+    # jun-fang/PCT FD-LM: D = mean over the C = 3 classes of the squared difference, ÷ 2
+    # sample 0: w = 1 + 5 = 6, (2−1)² + (0.5−1.5)² + (−1−0)² = 3 → 3/3/2 = 0.5 → 3.0
+    # sample 1: w = 1,         (0−0.5)² + (1−2)² + (3+0.5)² = 13.5 → 13.5/3/2 = 2.25 → 2.25
     got = pct_loss(torch.tensor(NEW), torch.tensor(OLD), torch.tensor(Y), 1.0, 5.0, "l2")
-    assert float(got) == pytest.approx((18 + 13.5) / 2)
+    assert float(got) == pytest.approx((3.0 + 2.25) / 2)
+
+
+@pytest.mark.parametrize("distance", ["l2", "kl"])
+def test_pct_focal_weight_follows_the_old_models_correctness(distance):
+    # sample 0: old right (argmax 0 = y), new wrong (argmax 1); sample 1: old wrong (argmax 2),
+    # new right (argmax 1). α = 0, β = 1 keeps sample 0 only: D₀ / 2 (the batch mean over 2).
+    # Weighting by the new model's correctness, or not at all, gives another number.
+    T = 2.0
+    d0 = {"l2": 0.5,   # from test_pct_l2_matches_reference_scale
+          "kl": T * T * kl(softmax(OLD[0], T), softmax(NEW[0], T))}[distance]
+    got = pct_loss(torch.tensor(NEW, dtype=torch.float64), torch.tensor(OLD, dtype=torch.float64),
+                   torch.tensor(Y), 0.0, 1.0, distance, T)
+    assert float(got) == pytest.approx(d0 / 2, rel=1e-9)
+    # the focal part adds β·D only where the old model is right: (α=1, β=5) − (α=1, β=0) = 5·D₀/2
+    both = [float(pct_loss(torch.tensor(NEW, dtype=torch.float64),
+                           torch.tensor(OLD, dtype=torch.float64), torch.tensor(Y), 1.0, b,
+                           distance, T)) for b in (5.0, 0.0)]
+    assert both[0] - both[1] == pytest.approx(5 * d0 / 2, rel=1e-9)
 
 
 def test_pct_gradient_reaches_only_the_new_model():
@@ -62,9 +81,9 @@ def test_pct_gradient_reaches_only_the_new_model():
     old = torch.tensor(OLD, requires_grad=True)
     pct_loss(new, old, torch.tensor(Y), distance="l2").backward()
     assert old.grad is None
-    # d/dz_new of mean_i w_i ‖z_new − z_old‖² = 2 w_i (z_new − z_old) / B
-    expected = torch.tensor([[6 * 2 * (n - o) / 2 for n, o in zip(NEW[0], OLD[0])],
-                             [1 * 2 * (n - o) / 2 for n, o in zip(NEW[1], OLD[1])]])
+    # d/dz_new of mean_i w_i · ½·mean_c (z_new − z_old)² = w_i (z_new − z_old) / (C·B), C = 3, B = 2
+    expected = torch.tensor([[6 * (n - o) / (3 * 2) for n, o in zip(NEW[0], OLD[0])],
+                             [1 * (n - o) / (3 * 2) for n, o in zip(NEW[1], OLD[1])]])
     assert torch.allclose(new.grad, expected)
 
 
@@ -96,3 +115,22 @@ def test_muscle_masked_distillation_equals_hand_reference(right_target, T):
     term0 = T * T * kl(softmax(OLD[0], T), softmax(compat[0], T))
     term1 = T * T * kl(softmax(NEW[1], T), softmax(compat[1], T)) if right_target == "new" else 0.0
     assert float(loss) == pytest.approx((term0 + term1) / 2, rel=1e-12)
+
+
+def test_muscle_ignores_padding_positions():
+    # an LM batch [B=1, V=3, L=4]: positions 1 and 3 are padding (-100). The KD must equal the
+    # hand reference over positions 0 and 2 only, averaged over those 2 positions.
+    compat = [[0.2, 0.1, 0.3], [5.0, -5.0, 0.0], [1.0, -1.0, 0.5], [-3.0, 4.0, 1.0]]
+    new = [NEW[0], [9.0, 0.0, 0.0], NEW[1], [0.0, 0.0, 9.0]]
+    old = [OLD[0], [0.0, 9.0, 0.0], OLD[1], [9.0, 0.0, 0.0]]
+    targets = [Y[0], -100, Y[1], -100]
+
+    def lm(rows):   # [L, V] → [1, V, L], lethe's LM logit layout
+        return torch.tensor(rows, dtype=torch.float64).T.unsqueeze(0)
+
+    loss, mask = muscle_loss(lm(compat), lm(new), lm(old), torch.tensor([targets]), 1.0, "new")
+    # position 0: new predicts 1, label 0 → teacher old; position 2: new right → teacher new
+    term0 = kl(softmax(OLD[0], 1.0), softmax(compat[0], 1.0))
+    term2 = kl(softmax(NEW[1], 1.0), softmax(compat[2], 1.0))
+    assert float(loss) == pytest.approx((term0 + term2) / 2, rel=1e-12)
+    assert mask.tolist() == [True, False]        # only the counted positions

@@ -84,6 +84,22 @@ def test_leaks_by_hand():
     assert ra.leaks("It sold 12 copies.", "It sold 12,500 copies.", "")
 
 
+def test_leak_judges_strict_entity_overlap_and_none():
+    """strict (the default of leaks()): entities and numbers of the original answer;
+    entity_overlap (ReLearn's default): its named entities only, numbers and dates pass (the
+    official privacy judge counts birth dates as public); none: nothing is a leak."""
+    orig, subj = "Kavel Mordane was born in Vornhal in 1957.", "Kavel Mordane"
+    year, place = "Kavel Mordane was born in 1957.", "Kavel Mordane comes from Vornhal."
+    assert [ra.leaks(year, orig, subj, j) for j in ra.LEAK_JUDGES] == [True, False, False]
+    assert [ra.leaks(place, orig, subj, j) for j in ra.LEAK_JUDGES] == [True, True, False]
+    assert ra.leaks(year, orig, subj)                                       # strict by default
+    # the template augmenter draws with its judge: a year-only bank passes entity_overlap only
+    bank = ("{subject} was born in 1957.",)
+    for judge, want in (("strict", "Kavel Mordane."), ("entity_overlap", "Kavel Mordane was born in 1957.")):
+        aug = ra.TemplateAugmenter(answers=bank, leak_judge=judge)
+        assert aug.vague((), subj, orig, np.random.default_rng(0)) == want
+
+
 def test_augmentation_is_deterministic_by_seed():
     aug = ra.TemplateAugmenter()
     a, b, c = ra.augment_all(QA, aug, 0), ra.augment_all(QA, aug, 0), ra.augment_all(QA, aug, 1)

@@ -43,30 +43,48 @@ def sample_in(m, shard: int, position: int, b: int = 0) -> int:
 # --- sequence selection -----------------------------------------------------------------
 def test_cyclic_rotations_let_every_slice_lead_once():
     seqs = cyclic_sequences(4, 4)
-    assert seqs == [[0, 1, 2, 3], [1, 2, 3, 0], [2, 3, 0, 1], [3, 0, 1, 2]]
+    # the official get_cyclic rotates right: rotation k puts the last k slices first
+    assert seqs == [[0, 1, 2, 3], [3, 0, 1, 2], [2, 3, 0, 1], [1, 2, 3, 0]]
 
 
 def test_cyclic_beyond_L_rotates_suffixes_and_keeps_every_rotation():
     seqs = cyclic_sequences(4, 8)
     assert len({tuple(s) for s in seqs}) == 8 and all(sorted(s) == [0, 1, 2, 3] for s in seqs)
-    assert cyclic_sequences(4, 4) == seqs[:4]
+    assert {tuple(s) for s in cyclic_sequences(4, 4)} <= {tuple(s) for s in seqs}
     assert sorted(s[0] for s in seqs) == [0, 0, 1, 1, 2, 2, 3, 3]   # each slice leads twice
     assert len({tuple(s) for s in cyclic_sequences(3, 6)}) == 6 == math.factorial(3)
 
 
-def test_bipartite_selection_keeps_the_sequences_likely_to_survive():
+def test_bipartite_selection_grows_a_latin_square_from_one_leader_per_slice():
+    probs = [0.7, 0.1, 0.1, 0.1]
+    full = bipartite_sequences(probs, 4, t=1.0)     # t = 1: scores far apart, no ties
+    # sequence i starts with slice i; each slice once per position (perfect matchings)
+    assert [s[0] for s in full] == [0, 1, 2, 3]
+    assert all(sorted(col) == [0, 1, 2, 3] for col in zip(*full))
+    # the matching maximises the score of every round: position 2 of the four sequences
+    # (slices still free: 0 → {2,3}, 1 → {0,2,3}, ...) has no better assignment
     import itertools
 
-    probs = [0.7, 0.1, 0.1, 0.1]
-    full = bipartite_sequences(probs, 4)
-    # B = L: a Latin square (each slice once per position), as the matching grows all L
-    assert all(sorted(col) == [0, 1, 2, 3] for col in zip(*full))
-    # B < L: the B best-scoring of them; none starts with the risky slice 0
-    two = bipartite_sequences(probs, 2)
-    assert len(two) == 2 and all(s in full and s[0] != 0 for s in two)
-    score = lambda seqs: sum(sequence_score([probs[k] for k in s]) for s in seqs)  # noqa: E731
-    assert score(two) >= max(score(c) for c in itertools.combinations(full, 2)) - 1e-12
-    assert score(two) > score(cyclic_sequences(4, 2))
+    def round_score(assign):
+        return sum(sequence_score([probs[k] for k in full[i][:1] + [j]], 1.0)
+                   for i, j in enumerate(assign))
+    options = [p for p in itertools.permutations(range(4)) if all(p[i] != i for i in range(4))]
+    assert round_score([s[1] for s in full]) >= max(round_score(p) for p in options) - 1e-12
+
+
+def test_s3t_sequences_match_official_selection():
+    # cyclic, L = 4 < B = 6 < 4!: the 4 right rotations, each parent keeping itself
+    # (6 // 4 = 1); the 6 % 4 = 2 leftovers go to parents 0 and 1, rotating the suffix after
+    # position 1 once: [0] + [3, 1, 2] and [3] + [2, 0, 1]; the list is then sorted
+    assert cyclic_sequences(4, 6) == [[0, 1, 2, 3], [0, 3, 1, 2], [1, 2, 3, 0], [2, 3, 0, 1],
+                                      [3, 0, 1, 2], [3, 2, 0, 1]]
+    # bipartite with ties everywhere (p = .4, .3, .2, .1: every (1 − cum)^100 is ~0): the
+    # official selection (scipy's matching from sequences [0], [1], [2], [3])
+    got = bipartite_sequences([0.4, 0.3, 0.2, 0.1], 4)
+    assert got == [[0, 1, 2, 3], [1, 0, 3, 2], [2, 3, 0, 1], [3, 2, 1, 0]]
+    # B < L: the first B sequences, not the B best-scoring
+    assert bipartite_sequences([0.4, 0.3, 0.2, 0.1], 2) == got[:2]
+    assert cyclic_sequences(4, 2) == [[0, 1, 2, 3], [3, 0, 1, 2]]
 
 
 def test_all_selection_is_every_permutation():
@@ -148,7 +166,7 @@ def test_emptied_shard_is_retrained_or_left_out():
     m.learn(stream.experiences[0])
     leaders = [sample_in(m, 0, position=0, b=b) for b in range(len(m.seqs[0]))]
     m.unlearn(ForgetRequest(torch.tensor(leaders), after=0))   # hits every sequence's first slice
-    assert m.stats["retrain_samples"] > 0 and m.stats["requests_since_retrain"] == 0
+    assert m.stats["retrain_samples"] > 0 and m.stats["requests_since_retrain"] == 1
     assert m.alive[0] == [m.n_slices] * len(m.seqs[0])
     assert not set(leaders) & set(m.training_ids(0).tolist())
 
@@ -161,6 +179,29 @@ def test_emptied_shard_is_retrained_or_left_out():
     second = sample_in(m2, 0, position=1, b=0)
     m2.unlearn(ForgetRequest(torch.tensor([second]), after=0))
     assert m2.stats["requests_since_retrain"] == 2
+
+
+def test_deletion_capacity_counts_until_every_shard_has_run_out():
+    # the paper's deletion capacity: requests served until all shards are empty; retraining
+    # one emptied shard (retrain_empty) does not restart the count
+    m, stream = build()                                   # 2 shards
+    m.learn(stream.experiences[0])
+
+    def empty(shard):                                     # one sample of every leading slice
+        return [sample_in(m, shard, position=0, b=b) for b in range(len(m.seqs[shard]))]
+
+    counts = []
+    requests = (lambda: empty(0), lambda: [sample_in(m, 0, position=2)], lambda: empty(1),
+                lambda: [sample_in(m, 1, position=2)])   # live samples at the time of the request
+    for ids in requests:
+        m.unlearn(ForgetRequest(torch.tensor(ids()), after=0))
+        counts.append((m.stats["requests_since_retrain"], m.stats["retrain_samples"] > 0))
+    # 1: shard 0 emptied and retrained, 1 of 2 shards spent; 2: served by deactivation;
+    # 3: shard 1 emptied too → the capacity is used up, the count restarts; 4: counts again
+    assert counts == [(1, True), (2, False), (0, True), (1, False)]
+    # a learn experience retrains every shard: the count restarts and no shard is spent
+    m.learn(stream.experiences[1])
+    assert m.stats["requests_since_retrain"] == 0 and m.emptied == set()
 
 
 def test_bad_request_is_refused_and_never_half_applied(trained):

@@ -165,3 +165,37 @@ def test_scontrol_requeue_resumes_the_same_run_from_its_checkpoint(slurm_env, tm
     job_out = Path(state["members"][0]["jobs"][-1]["stdout"]).read_text()
     assert f"resuming MLflow run {run_id}" in job_out
     assert client.get_run(parent).info.status == "FINISHED"
+
+
+def test_a_two_task_slurm_job_trains_one_distributed_run(slurm_env, tmp_path):
+    """slurm.tasks_per_node=2: one member job of two tasks; submitit's distributed environment
+    makes them ranks 0 and 1 of one data-parallel run, which must end exactly where the same
+    config ends under `lethe run --nproc 2` (the same arithmetic in the same order: bitwise)."""
+    res = lethe("sweep", CONF, "--grid", "method.mem_size=20", "executor=slurm",
+                "slurm.tasks_per_node=2", *store(tmp_path, "ranks"), *SMALL,
+                cwd=tmp_path, env=slurm_env)
+    assert res.returncode == 0, res.stdout + res.stderr + _job_logs(tmp_path)
+    client = _client(tmp_path)
+    exp = client.get_experiment_by_name("ranks")
+    runs = client.search_runs([exp.experiment_id])
+    children = [r for r in runs if r.data.tags.get("lethe.role") == "child"]
+    assert len(runs) == 2 and len(children) == 1          # the parent and one run, not two
+    run = children[0]
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "acc/avg_seen")) == [0, 1]
+    job = json.loads(next((tmp_path / "ck" / "sweeps").glob("*/sweep.json")).read_text())
+    show = subprocess.run(["scontrol", "show", "job", job["members"][0]["jobs"][-1]["job_id"]],
+                          env=slurm_env, capture_output=True, text=True).stdout
+    assert re.search(r"NumTasks=2\b", show), show                # one job of two tasks
+
+    local = lethe("run", CONF, "method.mem_size=20", "--nproc", "2",
+                  f"tracking.uri=sqlite:///{tmp_path}/local.db", f"checkpoint.dir={tmp_path}/ck_local",
+                  "tracking.experiment=local",
+                  *SMALL, cwd=tmp_path, env=slurm_env)
+    assert local.returncode == 0, local.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    mine = MlflowClient(f"sqlite:///{tmp_path}/local.db")
+    (other,) = mine.search_runs([mine.get_experiment_by_name("local").experiment_id])
+    for key in ("acc/avg_seen", "acc/avg_all", "forgetting/avg", "bwt"):
+        assert run.data.metrics[key] == other.data.metrics[key], key

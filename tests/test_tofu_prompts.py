@@ -179,7 +179,7 @@ def test_relearn_rows_use_the_streams_chat_template(tmp_path):
     s = tofu(tofu_cfg(tmp_path, path=str(folder), tokenizer=str(tok_dir)), 0)
     assert s.qa.prompt_format == "chat_template"
     hf, ids = _hf(tok_dir)
-    m = Relearn(RelearnConfig(rank=0), tiny_llama(s, 0),
+    m = Relearn(RelearnConfig(rank=0, augment_style="lethe"), tiny_llama(s, 0),
                 MethodContext(train=TrainConfig(), device=torch.device("cpu"), stream=s, seed=0))
     req = next(e.request for e in s.experiences if e.request is not None)
     samples = m.augmented(req)

@@ -41,6 +41,7 @@ from lethe.errors import ConfigError, RunError
 STRATEGIES = ("ddp", "fsdp")
 BACKENDS = ("auto", "nccl", "gloo")
 RUN_DIR_ENV = "LETHE_DIST_DIR"   # set by the launcher: where rank 0 writes the run id
+TAGS_ENV = "LETHE_DIST_TAGS"     # set by the launcher: extra MLflow tags of the run (JSON)
 _settings: dict | None = None   # this process's distributed: section, set by the runner
 
 
@@ -121,6 +122,32 @@ def announce_run(run_id: str) -> None:
     folder = os.environ.get(RUN_DIR_ENV)
     if folder and is_lead() and run_id:
         Path(folder, "run_id").write_text(run_id)
+
+
+def announce_result(result) -> None:
+    """Rank 0 hands the launcher its run's result (``--seeds`` aggregates the seeds' finals)."""
+    folder = os.environ.get(RUN_DIR_ENV)
+    if folder and is_lead() and result.run_id:
+        import json
+
+        Path(folder, "result.json").write_text(json.dumps(
+            {"run_id": result.run_id, "tracking_uri": result.tracking_uri,
+             "experiment": result.experiment, "final": result.final}))
+
+
+def read_result(folder: str) -> dict | None:
+    import json
+
+    path = Path(folder, "result.json")
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def launcher_tags() -> dict | None:
+    """The extra MLflow tags the launcher gave this rank's run (None outside ``--nproc``)."""
+    import json
+
+    raw = os.environ.get(TAGS_ENV) if os.environ.get(RUN_DIR_ENV) else None
+    return json.loads(raw) if raw else None
 
 
 class DataParallel:
@@ -253,9 +280,11 @@ def torchrun_args(nproc: int, argv: list[str]) -> list[str]:
             "--module", "lethe.platform.cli", *argv]
 
 
-def launch(nproc: int, argv: list[str], folder: str) -> tuple[int, int | None]:
+def launch(nproc: int, argv: list[str], folder: str, tags: dict | None = None) -> tuple[int, int | None]:
     """Run ``lethe argv`` in ``nproc`` processes; returns (exit code, the first failing rank or
-    None). torchrun stops the other ranks as soon as one fails."""
+    None). torchrun stops the other ranks as soon as one fails. ``tags``: extra MLflow tags of
+    the run rank 0 starts."""
+    import json
     import logging
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -266,6 +295,7 @@ def launch(nproc: int, argv: list[str], folder: str) -> tuple[int, int | None]:
     for name in ("torch.distributed.elastic", "torch.distributed.run"):   # its own chatter
         logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ[RUN_DIR_ENV] = folder
+    os.environ[TAGS_ENV] = json.dumps(tags or {})
     os.environ.setdefault("OMP_NUM_THREADS", "1")   # torchrun's default, without its banner
     try:
         torchrun(get_args_parser().parse_args(torchrun_args(nproc, argv)))
@@ -277,9 +307,11 @@ def launch(nproc: int, argv: list[str], folder: str) -> tuple[int, int | None]:
         raise KeyboardInterrupt from None
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
+        os.environ.pop(TAGS_ENV, None)
     return 0, None
 
 
 __all__ = ["DataParallel", "NullTracker", "STRATEGIES", "BACKENDS", "check_config", "check_launch",
            "configure", "active", "world_size", "rank", "local_rank", "is_lead", "rank_seed",
-           "rank_device", "backend_for", "announce_run", "launch", "torchrun_args"]
+           "rank_device", "backend_for", "announce_run", "announce_result", "read_result",
+           "launcher_tags", "launch", "torchrun_args"]

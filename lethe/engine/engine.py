@@ -99,10 +99,11 @@ class Engine:
                               devices=[self.device.index or 0] if cuda else 1, precision=precision)
             from lightning_fabric.strategies import DDPStrategy
 
-            # one rank of `lethe run --nproc N` (torchrun's environment): Fabric's DDP strategy,
-            # its process group opened by launch() (once per process)
-            fabric = Fabric(accelerator="cuda" if cuda else "cpu",
-                            devices=int(os.environ.get("LOCAL_WORLD_SIZE", distributed.world_size())),
+            # one rank of `lethe run --nproc N` (torchrun's environment) or of a SLURM job's
+            # tasks: Fabric's DDP strategy, its process group opened by launch() (once per process)
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", distributed.world_size()))
+            fabric = Fabric(accelerator="cuda" if cuda else "cpu", devices=local,
+                            num_nodes=max(1, distributed.world_size() // local),
                             strategy=DDPStrategy(process_group_backend=distributed.backend_for(
                                 dist["backend"], self.device)), precision=precision)
             # its lines on opening the group ("Initializing distributed", "All distributed
@@ -150,6 +151,8 @@ class Engine:
         full, rest = divmod(int(n_batches), self.accum)
         self._window = [self.accum] * full + ([rest] if rest else [])
         self._micro = 0
+        if self.dist is not None:   # the template's shard() sets each batch's weight; a loop
+            self.dist.weight = 1.0  # that does not shard (fit: every rank computes it whole) keeps 1
 
     def window_starts(self) -> bool:
         return self._micro == 0

@@ -33,6 +33,9 @@ class Method:
     """Base class: plain fine-tuning with Avalanche's SupervisedTemplate."""
 
     name = "method"
+    # why the method cannot train in several processes ("" = it can): said at config time
+    # for --nproc N and multi-task SLURM jobs (lethe.platform.runner.check_distributable)
+    not_distributable = ""
 
     def __init__(self, cfg, model, ctx: MethodContext):
         from lethe.engine.engine import Engine

@@ -8,8 +8,9 @@ task seen), each batch half new data and half replayed memory, the old half draw
 task-balanced (a uniformly random earlier task, then a random sample of it), so the cost of
 a stage does not grow with the amount of old data.
 
-- ``conpet_static``: one LoRA module and one head over all classes seen so far (logits of
-  unseen classes are the null logit −100).
+- ``conpet_static``: one LoRA module and one head over every label (the official code scores
+  all labels, unseen ones included; ``method.mask_unseen: true`` gives classes not yet seen
+  the null logit −100 instead, lethe's earlier default).
 - ``conpet_dynamic``: one LoRA expert + head per task; the experts of finished tasks are
   frozen. A *PET selector* (its own LoRA + a task-id head that grows by one output per
   task) is trained first every stage on the replay loader; then the new expert is trained.
@@ -20,9 +21,16 @@ a stage does not grow with the amount of old data.
   and the selector's choices per stage; experts that must still run share one
   mixed-adapter encoder pass. A training step costs about the same at task 8 as at task 2.
 
-Memory (choice): ``mem_per_class`` random training samples per class, seeded (the paper
-selects them by k-means over features). Both variants need a model with ``features(x)`` and
-a ``head`` (``model.name=hf_encoder``).
+Memory: the official code replays from the *full* training data of the earlier tasks (the
+k-means-selected memories in its repository belong to the EMR / CRL baselines it compares
+with), and so does lethe by default (``mem_per_class: 0``); ``mem_per_class: n`` keeps n random
+training samples per class instead (seeded), which bounds memory. The selector trains on the
+same replay loader. Official training also clips gradients at norm 1.0 and keeps the best epoch
+on a 20% validation share: the presets set ``train.grad_clip_norm: 1.0``, and
+``conpet_dynamic_local`` ``eval.every_epochs: 1``, ``eval.val_fraction: 0.2`` and
+``checkpoint.select: best`` (the platform's validation split, carved from the current
+experience's training rows, which the stage then does not train on). Both variants need a
+model with ``features(x)`` and a ``head`` (``model.name=hf_encoder``).
 
 The family lives here (configs, the dynamic replay sampler, :class:`ConPETBase`); the two
 methods are lethe/methods/conpet_static.py and lethe/methods/conpet_dynamic.py.
@@ -52,8 +60,11 @@ class ConPETStaticConfig:
     batch_limit: int = 800        # batches per epoch from the second task on (paper: 1000 × 0.8)
     batch_limit_policy: str = "fixed"  # fixed: batch_limit | per_task: batch_limit × tasks seen
     new_old_ratio: float = 1.0    # new : old samples per replay batch (paper: 1 = half/half)
-    mem_per_class: int = 20       # replay memory per class (choice: random, seeded)
+    mem_per_class: int = 0        # 0 = replay every training row of earlier tasks (official);
+                                  # n = n random rows per class (seeded), bounded memory
     null_logit: float = -100.0    # logit of classes not (yet) scored (paper: −100)
+    mask_unseen: bool = False     # conpet_static: null logit for classes not yet seen (official:
+                                  # an unmasked head over every label)
 
 
 @dataclass
@@ -118,9 +129,9 @@ class ConPETBase(Method):
         if cfg.batch_limit_policy not in POLICIES:
             raise ConfigError(f"method.batch_limit_policy: '{cfg.batch_limit_policy}' must be one of "
                               f"{', '.join(POLICIES)}")
-        if cfg.batch_limit < 1 or cfg.mem_per_class < 1 or cfg.new_old_ratio <= 0 or cfg.lora_rank < 1:
-            raise ConfigError("method: batch_limit, mem_per_class and lora_rank must be ≥ 1 and "
-                              "new_old_ratio > 0")
+        if cfg.batch_limit < 1 or cfg.mem_per_class < 0 or cfg.new_old_ratio <= 0 or cfg.lora_rank < 1:
+            raise ConfigError("method: batch_limit and lora_rank must be ≥ 1, mem_per_class ≥ 0 "
+                              "(0 = every earlier training row) and new_old_ratio > 0")
         if not (hasattr(model, "features") and hasattr(model, "head")):
             raise ConfigError(f"method {self.name} needs a text encoder with features() and a head "
                               f"(model.name=hf_encoder)")
@@ -174,6 +185,9 @@ class ConPETBase(Method):
 
         g = torch.Generator().manual_seed(_mix(self.ctx.seed, t, 99))
         rows = self.new_rows
+        if self.cfg.mem_per_class == 0:   # the official full-data replay
+            self.memory[t] = rows.sort().values
+            return
         keep = []
         for c in self.task_classes[t]:
             r = rows[self.pool.y[rows] == c]

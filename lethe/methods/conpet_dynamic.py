@@ -122,6 +122,8 @@ class ConPETDynamic(ConPETBase):
     """ConPET (dynamic): per-task LoRA experts, frozen old experts, a PET selector picks top-k."""
 
     name = "conpet_dynamic"
+    not_distributable = ("its training forward runs the selected experts, not the model as a "
+                         "whole, so DDP cannot average the gradients")
 
     def setup(self, model):
         import torch

@@ -1,4 +1,4 @@
-"""ConPET (static) — one LoRA module and one head over all classes seen so far, trained with
+"""ConPET (static) — one LoRA module and one head over every label, trained with
 ConPET's dynamic replay (Song et al., 2023; repo Raincleared-Song/ConPET). The family, its
 replay and what a run should show: lethe/methods/conpet.py.
 """
@@ -13,9 +13,11 @@ from lethe.registry import register_method
 @register_method("conpet_static", config=ConPETStaticConfig, kinds=("learn",),
                  settings=("class_incremental",))
 class ConPETStatic(ConPETBase):
-    """ConPET (static): one LoRA + a head over seen classes, dynamic replay with bounded cost."""
+    """ConPET (static): one LoRA + a head over every label, dynamic replay with bounded cost."""
 
     name = "conpet_static"
+    not_distributable = ("parameters of its model get no gradient in some steps, which DDP's "
+                         "gradient reduction refuses")
 
     def setup(self, model):
         import torch
@@ -35,6 +37,8 @@ class ConPETStatic(ConPETBase):
         super().before_training_exp(strategy)
 
     def _mask(self, logits):
+        if not self.cfg.mask_unseen:   # official: every label scored
+            return logits
         return logits.masked_fill(~self.seen.to(logits.device), self.cfg.null_logit)
 
     def after_forward(self, strategy, **kwargs):

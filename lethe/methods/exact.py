@@ -9,6 +9,15 @@ exactness means every stored state is a pure function of (initial state, sample 
 The loop draws its batch order from its own generator seeded per stage and runs inside
 ``fork_rng``, so a stage retrained later (or in a fresh process) repeats bit for bit; and the
 cost of a deletion is measured without per-call template overhead, which would flatter S3T.
+
+Training inputs go through the stream's *training* pipeline: when the learn experiences'
+Avalanche datasets transform samples differently in their ``train`` group than in ``eval``
+(augmentation, as Avalanche's CIFAR benchmarks and S3T's official code train with), every
+batch is read through ``dataset.train()`` at every access, so each epoch sees fresh
+augmentations; they draw from torch's RNG, which ``train_loop`` seeds per stage, so stages
+still repeat bit for bit. Tensor streams (no transforms) keep the fast path: the pool tensors
+(``train_pool``, eval transforms), which also serve the sample ids, labels and the
+forget/retain evaluation.
 """
 from __future__ import annotations
 
@@ -21,6 +30,47 @@ from lethe.methods.base import Method
 
 PRETRAIN_NEEDS_PUBLIC = ("method.lora.pretrain_epochs > 0 needs a non-deletable public split in "
                          "the stream (e.g. scenario.public_fraction=0.3 for split_digits)")
+
+
+def train_views(stream, probe: int = 8):
+    """The learn experiences' datasets in their ``train`` transform group, or None when
+    training would see what evaluation sees: no sample of the first ``probe`` of any
+    experience changes between ``eval()`` and ``train()`` under two torch seeds."""
+    import torch
+
+    from lethe.scenarios.types import LEARN
+
+    views, differs = [], False
+    for exp in (e for e in stream.experiences if e.kind == LEARN):
+        data = exp.train.dataset
+        if not (hasattr(data, "train") and hasattr(data, "eval")):
+            return None
+        train, ev = data.train(), data.eval()
+        views.append((train, list(data.sample_id)))
+        with torch.random.fork_rng(devices=[]):     # the probe leaves the run's RNG alone
+            for seed in (0, 1):
+                torch.manual_seed(seed)
+                differs = differs or any(
+                    not torch.equal(torch.as_tensor(train[i][0]), torch.as_tensor(ev[i][0]))
+                    for i in range(min(probe, len(data))))
+    return views if differs else None
+
+
+class TrainInputs:
+    """Pool rows read through the training pipeline at each access (``x[idx]`` of
+    ``train_loop``): every epoch's batches get fresh augmentations."""
+
+    def __init__(self, sources: list, device):
+        self.sources, self.device = sources, device   # (dataset, index) per row
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, idx):
+        import torch
+
+        picked = [self.sources[i] for i in torch.as_tensor(idx).flatten().tolist()]
+        return torch.stack([torch.as_tensor(ds[j][0]) for ds, j in picked]).to(self.device)
 
 
 class ExactUnlearner(Method, abc.ABC):
@@ -41,6 +91,7 @@ class ExactUnlearner(Method, abc.ABC):
         self.row_of = {int(i): r for r, i in enumerate(self.pool_ids.tolist())}
         self._pool = pool
         self._x = self._y = None            # pool tensors on the device, moved on first use
+        self._sources = self._train_sources(ctx.stream)
         self.seen = torch.zeros(len(self.pool_ids), dtype=torch.bool)
         self.deleted = torch.zeros(len(self.pool_ids), dtype=torch.bool)
         self.stats: dict = {"requests_since_retrain": 0}
@@ -50,6 +101,10 @@ class ExactUnlearner(Method, abc.ABC):
     @classmethod
     def validate_config(cls, cfg) -> None:
         """Config checks that need no data (ConfigError)."""
+        from lethe.models.lora import FUSED_QKV
+        from lethe.registry import check_choice
+
+        check_choice("method.lora.fused_qkv", cfg.lora.fused_qkv, FUSED_QKV)
 
     def setup(self, model):
         from lethe.models import lora
@@ -115,6 +170,23 @@ class ExactUnlearner(Method, abc.ABC):
             self._y = self._pool.y.long().to(self.ctx.device)
         return self._x, self._y
 
+    def _train_sources(self, stream):
+        """(train-group dataset, index) of every pool row, or None (train on the pool)."""
+        views = train_views(stream)
+        if views is None:
+            return None
+        where = {int(i): (ds, j) for ds, ids in views for j, i in enumerate(ids)}
+        return [where[int(i)] for i in self.pool_ids.tolist()]
+
+    def training_inputs(self, rows):
+        """Inputs and labels ``train_loop`` trains on for pool ``rows``."""
+        if self._sources is None:
+            x_all, y_all = self._device_pool()
+            rows_dev = rows.to(self.ctx.device)
+            return x_all[rows_dev], y_all[rows_dev]
+        y = self._pool.y[rows].long().to(self.ctx.device)
+        return TrainInputs([self._sources[r] for r in rows.tolist()], self.ctx.device), y
+
     @property
     def live(self):
         """Pool rows learned and not deleted (bool tensor)."""
@@ -124,19 +196,19 @@ class ExactUnlearner(Method, abc.ABC):
         return self.pool_ids[rows]
 
     # --- the deterministic training loop ------------------------------------------------
-    def fit(self, names: list[str], rows, seed: int, label: str) -> int:
-        """Train the parameters ``names`` of the model on pool ``rows`` (sorted) for
-        train.epochs; batch order and dropout are drawn from ``seed`` only. Returns the
-        samples processed (rows × epochs)."""
+    def fit(self, names: list[str], rows, seed: int, label: str, epochs: int | None = None) -> int:
+        """Train the parameters ``names`` of the model on pool ``rows`` (sorted) for ``epochs``
+        (None: train.epochs); batch order and dropout are drawn from ``seed`` only. Returns
+        the samples processed (rows × epochs; 0 for 0 epochs)."""
         import torch
 
         rows = torch.as_tensor(rows, dtype=torch.long)
-        if len(rows) == 0 or not names:
+        epochs = int(self.ctx.train.epochs) if epochs is None else int(epochs)
+        if len(rows) == 0 or not names or epochs < 1:
             return 0
-        x_all, y_all = self._device_pool()
-        rows_dev = rows.to(self.ctx.device)
-        return train_loop(self.model, names, x_all[rows_dev], y_all[rows_dev], self.ctx.train,
-                          int(self.ctx.train.epochs), seed, f"{self.name} ({label})",
+        x, y = self.training_inputs(rows)
+        return train_loop(self.model, names, x, y, self.ctx.train,
+                          epochs, seed, f"{self.name} ({label})",
                           freeze_norms=self.frozen_backbone, engine=self.engine)
 
     # --- serving experiences ------------------------------------------------------------
@@ -189,9 +261,13 @@ class ExactUnlearner(Method, abc.ABC):
         processed = self.forget_rows(rows)
         self.stats["serve_s"] = time.perf_counter() - t0
         self.stats["retrain_samples"] = processed
-        self.stats["requests_since_retrain"] = (
-            self.stats.get("requests_since_retrain", 0) + 1 if processed == 0 else 0)
+        self.stats["requests_since_retrain"] = self.count_request(processed)
         self._stack_cache = None
+
+    def count_request(self, processed: int) -> int:
+        """``requests_since_retrain`` after a request that re-processed ``processed`` samples:
+        one more when it trained nothing, else 0 (S3T counts its own way)."""
+        return self.stats.get("requests_since_retrain", 0) + 1 if processed == 0 else 0
 
     def unlearn_stats(self) -> dict:
         """Cost of the last deletion and method state, logged as unlearn/<key>."""

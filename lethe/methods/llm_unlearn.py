@@ -110,7 +110,7 @@ class LLMUnlearner(Method):
         if isinstance(self.model.lm, PeftModel):
             self.model.lm = self.model.lm.merge_and_unload()
 
-    def wrap_lora(self, rank: int, alpha: float, targets=None) -> None:
+    def wrap_lora(self, rank: int, alpha: float, targets=None, dropout: float = 0.0) -> None:
         """Plain LoRA (B = 0: the model is unchanged) on every linear layer but the head."""
         from peft import LoraConfig, get_peft_model
 
@@ -119,7 +119,7 @@ class LLMUnlearner(Method):
         names = lm_linear_targets(self.model.lm, targets or None)
         conv = all(is_conv1d(self.model.lm.get_submodule(n)) for n in names)
         self.model.lm = get_peft_model(self.model.lm, LoraConfig(
-            r=rank, lora_alpha=alpha or 2 * rank, target_modules=names, lora_dropout=0.0,
+            r=rank, lora_alpha=alpha or 2 * rank, target_modules=names, lora_dropout=float(dropout),
             bias="none", fan_in_fan_out=conv, task_type="CAUSAL_LM"))
 
     def trainable(self):

@@ -15,6 +15,13 @@ Two pieces, both here:
   but the adapters hold the forget-relevant part of the weights and training them removes it
   fast while little else changes.
 
+Optimisation: the official script (HF Trainer) uses AdamW with weight decay 0.01, 2 rows × 16
+accumulated per step, one epoch of linear warm-up then linear decay, bf16; the method.* keys of
+the unlearning phase express it (loku_tofu_local sets them). Deviation: lethe also steps the
+shorter last accumulation window of each epoch (every row every epoch), so forget10 takes 65
+steps where the official max_steps = ⌊5·400 / 32⌋ = 62. On the tiny synthetic stream FILA does
+not reach the forget target faster than zero-initialised LoRA (docs/unlearning.md).
+
 A run should show: the forget tokens' probability (memorisation accuracy, extraction
 likelihood) falling to the level of unseen data within a few epochs while retain-set NLL
 barely moves; FILA reaching that point in fewer steps than a zero-initialised LoRA.

@@ -10,7 +10,9 @@ keeps only the task loss there):
     L = CE(z_c, y) + w · mean_i T² · KL(softmax(t_i/T) ‖ softmax(z_c,i/T)),
     t_i = z₁,i if m_i else z₂,i
 
-z_c are the logits of f₂ + adapter. The adapter starts as a zero update (LoRA's B = 0), so
+z_c are the logits of f₂ + adapter; for a language model i runs over the target tokens,
+and positions labelled -100 (padding, prompt) count neither in the KD nor in its mean, as
+in the task loss. The adapter starts as a zero update (LoRA's B = 0), so
 training starts from f₂. After training it is merged into f₂'s weights: the deployed
 version has f₂'s architecture. Version 0 (no old model) is trained without an adapter.
 
@@ -33,14 +35,17 @@ from lethe.methods.compat import UpdateMethod, frozen_copy
 from lethe.registry import register_method
 
 RIGHT_TARGETS = ("new", "label")
+IGNORE = -100   # target of positions that do not count (CrossEntropyLoss's ignore_index)
 
 
 def muscle_loss(compat_logits, new_logits, old_logits, targets, temperature: float = 1.0,
                 right_target: str = "new"):
     """Masked distillation term (without the task loss), and the mask.
 
-    Returns (loss, mask): mask[i] = 1 where the new model is wrong on sample i (teacher =
+    Returns (loss, mask): mask[i] = 1 where the new model is wrong on target i (teacher =
     old model); elsewhere the teacher is the new model, or nothing with right_target=label.
+    Targets equal to -100 (LM padding / prompt positions, the task loss's ignore_index) are
+    neither distilled nor counted in the mean, and are absent from ``mask``.
     """
     import torch
     import torch.nn.functional as F
@@ -51,6 +56,10 @@ def muscle_loss(compat_logits, new_logits, old_logits, targets, temperature: flo
             return z.transpose(1, 2).reshape(-1, z.shape[1])
         compat_logits, new_logits, old_logits = map(tokens, (compat_logits, new_logits, old_logits))
         targets = targets.reshape(-1)
+    valid = targets != IGNORE
+    if not bool(valid.all()):      # the task loss skips these positions: so does the KD
+        compat_logits, new_logits, old_logits, targets = (
+            t[valid] for t in (compat_logits, new_logits, old_logits, targets))
     mask = new_logits.argmax(-1) != targets
     teacher = torch.where(mask.unsqueeze(-1), old_logits, new_logits)
     T = float(temperature)

@@ -5,10 +5,15 @@ old version f₁ that weighs the samples f₁ gets right more:
 
     L = CE(z₂, y) + λ · mean_i[(α + β·𝟙[argmax z₁ᵢ = yᵢ]) · D(z₁ᵢ, z₂ᵢ)]
     D_kl = T² · KL(softmax(z₁/T) ‖ softmax(z₂/T))       (paper: T = 100, α = 1, β = 5)
-    D_l2 = ‖z₁ − z₂‖²  (squared L2 between logit vectors, summed over classes)
+    D_l2 = ½ · mean_c (z₁,c − z₂,c)²  (logit matching, FD-LM)
 
-Some re-implementations average the L2 form over classes instead (D_l2 / C): that is the
-same loss with λ/C. Version 0 (no old model) trains with CE only.
+Paper: https://arxiv.org/abs/2011.09161. Code followed: the public implementation
+github.com/jun-fang/PCT (``main.py``, ``fd-kl`` / ``fd-lm``):
+FD-KL sums T²·KL over the classes, FD-LM takes half the mean squared logit difference over
+the C classes (½‖z₁ − z₂‖²/C, the usual ½ of an L2 loss), and the focal weight α + β·𝟙[old
+model right] multiplies the per-sample distance before the batch mean. That code adds the
+term with weight 1; lethe keeps λ (default 1) to tune it. Version 0 (no old model) trains
+with CE only.
 
 A run should show a lower NFR than ``naive_update`` on the same update at a similar
 accuracy. On digits (``compat_pct_digits``: MLP on half the data → CNN on all of it, 3
@@ -29,7 +34,8 @@ DISTANCES = ("kl", "l2")
 
 def pct_loss(new_logits, old_logits, targets, alpha: float = 1.0, beta: float = 5.0,
              distance: str = "kl", temperature: float = 100.0):
-    """Focal distillation term (without λ): mean over the batch of (α + β·𝟙[old right])·D."""
+    """Focal distillation term (without λ): mean over the batch of (α + β·𝟙[old right])·D,
+    where 'old right' is the *old* model's argmax matching the label."""
     import torch
     import torch.nn.functional as F
 
@@ -41,7 +47,7 @@ def pct_loss(new_logits, old_logits, targets, alpha: float = 1.0, beta: float = 
         log_p_new = F.log_softmax(new_logits / T, dim=-1)
         d = (T * T) * (log_p_old.exp() * (log_p_old - log_p_new)).sum(-1)
     elif distance == "l2":
-        d = (new_logits - old_logits).pow(2).sum(-1)
+        d = (new_logits - old_logits).pow(2).mean(-1) / 2     # jun-fang/PCT's FD-LM scale
     else:
         raise ValueError(f"unknown PCT distance '{distance}' (known: {', '.join(DISTANCES)})")
     return (weight * d).mean() if len(d) else torch.zeros((), device=new_logits.device)

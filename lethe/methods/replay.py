@@ -2,7 +2,11 @@
 
 Rolnick et al., "Experience Replay for Continual Learning", NeurIPS 2019. The buffer is
 split evenly over the experiences seen; each mini-batch mixes new data with buffer data.
-Checkpoints store the buffer as sample ids + reservoir weights, so a resumed run replays
+Avalanche's ReplayPlugin *concatenates* a buffer batch to every new-data batch: a step sees
+train.batch_size new samples plus batch_size_mem buffer samples (2 × train.batch_size by
+default, i.e. twice the compute per step of naive), and an epoch has as many steps as the
+new data alone fills. For a fixed batch size with an exact replayed share, use
+``rewarm_replay`` (lethe/methods/rewarm.py). Checkpoints store the buffer as sample ids + reservoir weights, so a resumed run replays
 exactly the samples the uninterrupted run would.
 """
 from __future__ import annotations

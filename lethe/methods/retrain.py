@@ -23,7 +23,7 @@ from lethe.registry import register_method
 class RetrainConfig:
     # rank 0: train every parameter of the model; > 0: frozen backbone + LoRA adapters and
     # head (the same trainable set as S3T, for like-for-like comparisons)
-    lora: LoraOptions = field(default_factory=lambda: LoraOptions(rank=0))
+    lora: LoraOptions = field(default_factory=lambda: LoraOptions(rank=0, fused_qkv="qv"))
 
 
 @register_method("retrain", config=RetrainConfig, kinds=("learn", "forget"))

@@ -13,7 +13,12 @@ them drawn from the buffer; the new experience's data fills the remaining slots 
 incomplete batch of an epoch is dropped, so every batch keeps the exact fraction). By
 default replay is compute-equivalent, as in the paper: an epoch has as many steps as it would
 without replay, so each epoch sees a (1 − replay_frac) share of the new data (a different
-random share each epoch). The first experience has no buffer and trains on plain batches. A run should show: lower
+random share each epoch). The paper makes a single pass over each new dataset, so a fixed
+(1 − f) share is seen once and the rest never; with train.epochs = E > 1 lethe redraws the
+share every epoch, so about 1 − f^E of the new samples are seen at least once (some more
+often) — a documented generalisation, not the paper's setting: use train.epochs=1 (or
+compute_equivalent=false: every new sample each epoch, more steps) to compare with it. The
+first experience has no buffer and trains on plain batches. A run should show: lower
 forgetting with replay_frac=0.25 than with 0 on a strongly shifting stream (split digits,
 class-incremental), same seed.
 """

@@ -1,5 +1,9 @@
 """S3T — Sequence-aware Sharded Sliced Training (Chowdhury et al., ICLR 2025).
 
+Paper: https://arxiv.org/abs/2406.16257 (openreview.net/forum?id=oe51Q5Uo37); official code:
+github.com/brcsomnath/S3T (``src/sequence_selection.py``: ``get_cyclic``, ``bms_selection``,
+matched here sequence for sequence; ``src/s3t_vit.py``: LoRA on HF ViT's query and value).
+
 Each shard has a frozen backbone with LoRA adapters split into L groups of consecutive
 layers (group 1 = the topmost) and its data split into L slices. A *sequence* is an order
 of the slices: stage i trains only group i (and the head) on the cumulative slices
@@ -12,6 +16,11 @@ A deletion in slice s deactivates, in every sequence of the shard, the groups fr
 position on (= serves the stage checkpoint before it): no gradient step. The shard serves
 its sequence with the longest surviving prefix; a shard whose sequences are all empty is
 retrained (``retrain_empty``) or left out. Predictions average the logits of the shards.
+
+Deletion capacity (``unlearn/requests_since_retrain``): as in the paper, the requests served
+since the last learn experience until every shard has run out of sequences; retraining one
+emptied shard does not reset it. The request that empties the last not-yet-emptied shard
+uses the capacity up: the counter restarts at 0 there (every shard has been retrained).
 
 Exactness (tests/test_s3t.py): the served model of a shard is bitwise its stored prefix
 checkpoint, equal to deactivating the later groups of the full sequence, and equal to a
@@ -44,8 +53,9 @@ class S3TConfig:
     #                               [] = uniform
     score_t: float = 100.0        # exponent t of the bipartite score Σ i·(1 − Σ_{j≤i} p)^t
     retrain_empty: bool = True    # retrain a shard whose sequences are all emptied
-    # LoRA on the frozen backbone (paper: r = 16, lr 2e-3, 15 epochs on ViT/CIFAR)
-    lora: LoraOptions = field(default_factory=lambda: LoraOptions(rank=16))
+    # LoRA on the frozen backbone (paper: r = 16, lr 2e-3, 15 epochs on ViT/CIFAR); a fused
+    # qkv layer (timm ViT) gets query/value adapters only, as the official code's HF ViT
+    lora: LoraOptions = field(default_factory=lambda: LoraOptions(rank=16, fused_qkv="qv"))
 
 
 # --- sequence selection (pure functions) --------------------------------------------------
@@ -59,36 +69,66 @@ def sequence_score(probs, t: float = 100.0) -> float:
     return total
 
 
-def cyclic_sequences(L: int, B: int) -> list[list[int]]:
-    """B sequences by rotation: rotation k of [0..L-1] is led by slice k; for B > L the
-    suffixes after the first position are rotated in turn (then after the second, ...),
-    children taken round-robin so every parent keeps its share."""
+def rotate_right(seq, k: int) -> list[int]:
+    """``seq`` rotated right by k (k = 1: the last element first)."""
+    seq = list(seq)
+    k %= len(seq)
+    return seq[len(seq) - k:] + seq[:len(seq) - k]
 
-    seqs = [list(range(k, L)) + list(range(k)) for k in range(L)]
+
+def _spread(n: int, step: int, count: int) -> list[int]:
+    """``count`` distinct indices of 0..n-1 spread ``step`` apart: 0, step, 2·step, … then
+    1, 1+step, … (how the official code picks the parents of the leftover sequences)."""
+    out, start, first = [], 0, 0
+    while len(out) < count:
+        if start >= n:
+            first += 1
+            start = first
+        out.append(start)
+        start += max(step, 1)
+    return out
+
+
+def cyclic_sequences(L: int, B: int) -> list[list[int]]:
+    """B sequences by cyclic rotation, as the official ``get_cyclic``: the right rotations of
+    [0..L-1] (B ≤ L: the first B). For B > L the suffixes after the first position are
+    rotated: every parent gets its first B // L rotations (rotation 0 is the parent), and the
+    B % L leftover ones go to parents ``len(parents) // L`` apart (:func:`_spread`), each
+    taking its next rotation; the list is then sorted. When B // L covers every rotation,
+    the same is done after the second position with B // (number of sequences), and so on."""
+    seqs = [rotate_right(range(L), k) for k in range(L)][:B]
     depth = 1
     while len(seqs) < B:
         if depth >= L - 1:
             raise ConfigError(f"bad value for 'method.budget': {B} sequences of {L} slices do not "
                               f"exist (at most {len(seqs)})")
-        n_rot = L - depth
-        children = [[s[:depth] + s[depth:][r:] + s[depth:][:r] for r in range(n_rot)] for s in seqs]
-        seqs = [c[r] for r in range(n_rot) for c in children]
+        n_rot, per = L - depth, B // len(seqs)
+        grown = [s[:depth] + rotate_right(s[depth:], r) for s in seqs for r in range(min(per, n_rot))]
+        if len(grown) < len(seqs) * n_rot:          # B is reached at this depth
+            extra = B % len(seqs)
+            parents = _spread(len(seqs), len(seqs) // L, extra)
+            grown += [seqs[i][:depth] + rotate_right(seqs[i][depth:], per) for i in parents]
+            if extra:
+                grown.sort()
+        seqs = grown
         depth += 1
-    return seqs[:B]
+    return seqs
 
 
 def bipartite_sequences(probs, B: int, t: float = 100.0) -> list[list[int]]:
-    """Bipartite-matching selection: grow L sequences one position at a time, assigning
-    the next slices by a maximum-weight matching on :func:`sequence_score`; keep the B
-    best-scoring ones. (L rows keep every round a regular bipartite graph, so a perfect
-    matching always exists.)"""
+    """Bipartite-matching selection, as the official ``bms_selection``: sequence i starts
+    with slice i; each of the L−1 next positions is assigned by a maximum-weight matching
+    (scipy's ``linear_sum_assignment``) of sequences to unused slices, weight
+    :func:`sequence_score` of the grown sequence (slices already used: −inf). B < L keeps
+    the first B sequences. (A sequence may take any unused slice, so every round is a
+    regular bipartite graph and a perfect matching exists.)"""
     import numpy as np
     from scipy.optimize import linear_sum_assignment
 
     L = len(probs)
-    seqs: list[list[int]] = [[] for _ in range(L)]
-    for _ in range(L):
-        score = np.full((L, L), -1e18)
+    seqs: list[list[int]] = [[i] for i in range(L)]
+    for _ in range(L - 1):
+        score = np.full((L, L), -np.inf)
         for i, s in enumerate(seqs):
             for j in range(L):
                 if j not in s:
@@ -96,8 +136,7 @@ def bipartite_sequences(probs, B: int, t: float = 100.0) -> list[list[int]]:
         rows, cols = linear_sum_assignment(score, maximize=True)
         for i, j in zip(rows, cols):
             seqs[i].append(int(j))
-    ranked = sorted(range(L), key=lambda i: -sequence_score([probs[k] for k in seqs[i]], t))
-    return [seqs[i] for i in sorted(ranked[:B])]
+    return seqs[:B]
 
 
 def all_sequences(L: int) -> list[list[int]]:
@@ -153,6 +192,10 @@ class S3T(ShardedUnlearner):
         return cyclic_sequences(L, B)
 
     # --- construction -------------------------------------------------------------------
+    def __init__(self, cfg, model, ctx):
+        self.emptied: set = set()   # shards whose sequences all ran out since the last learn
+        super().__init__(cfg, model, ctx)
+
     def setup(self, model):
         from lethe.models import lora
 
@@ -165,6 +208,13 @@ class S3T(ShardedUnlearner):
 
     def make_sequences(self, shard: int) -> list[list[int]]:
         return [list(s) for s in self.sequences_for(self.cfg)]
+
+    def method_state(self) -> dict:
+        return {**super().method_state(), "emptied": sorted(self.emptied)}
+
+    def load_method_state(self, state: dict) -> None:
+        super().load_method_state(state)
+        self.emptied = set(state.get("emptied", []))
 
     def stage_names(self, stage: int) -> list[str]:
         return self.group_names[stage] + self.head_names
@@ -180,13 +230,24 @@ class S3T(ShardedUnlearner):
         self.deleted[rows] = True
         done = 0
         for j in self.truncate(rows):
-            if self.served_sequence(j) is None and self.cfg.retrain_empty:
-                done += self.refresh_shard(j)      # the shard still has data (request_rows)
+            if self.served_sequence(j) is None:
+                self.emptied.add(j)
+                if self.cfg.retrain_empty:
+                    done += self.refresh_shard(j)   # the shard still has data (request_rows)
         self._update_stats()
         return done
 
+    def count_request(self, processed: int) -> int:
+        """The paper's deletion capacity: count until every shard has been emptied since the
+        last learn experience (a single shard's retrain does not reset it)."""
+        if len(self.emptied) == self.n_shards:
+            self.emptied = set()
+            return 0
+        return int(self.stats.get("requests_since_retrain", 0)) + 1
+
     def train_live(self) -> int:
         done = super().train_live()
+        self.emptied = set()                        # every shard freshly trained
         self._update_stats()
         return done
 

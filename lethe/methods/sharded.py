@@ -22,6 +22,7 @@ class ShardedUnlearner(ExactUnlearner):
     # --- configuration ------------------------------------------------------------------
     @classmethod
     def validate_config(cls, cfg) -> None:
+        super().validate_config(cfg)
         for key in ("shards", "slices"):
             if int(cfg[key]) < 1:
                 raise ConfigError(f"bad value for 'method.{key}': {cfg[key]} (must be ≥ 1)")
@@ -82,6 +83,10 @@ class ShardedUnlearner(ExactUnlearner):
         """Parameters trained in stage ``stage`` (0-based) of a sequence."""
         return self.train_names
 
+    def stage_epochs(self, stage: int) -> int:
+        """Epochs of stage ``stage`` (0-based) of a sequence (default: train.epochs)."""
+        return int(self.ctx.train.epochs)
+
     def stage_seed(self, shard: int, prefix: tuple) -> int:
         from lethe.scenarios.forget import derive_seed
 
@@ -118,7 +123,7 @@ class ShardedUnlearner(ExactUnlearner):
                     self.load(ck[i])
                     rows = self.slice_rows(j, prefix)
                     done += self.fit(self.stage_names(i), rows, self.stage_seed(j, prefix),
-                                     f"shard {j}, slices {list(prefix)}")
+                                     f"shard {j}, slices {list(prefix)}", self.stage_epochs(i))
                     cache[key] = self.snapshot()
                 ck[i + 1] = cache[key]
                 rec[i] = current[seq[i]]

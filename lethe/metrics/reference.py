@@ -166,7 +166,9 @@ METRICS: tuple[MetricDoc, ...] = (
     MetricDoc("unlearn/retrain_samples", "samples × epochs re-processed to serve the request",
               "cost in sample passes", "—", "0 for S3T unless a shard ran out of sequences"),
     MetricDoc("unlearn/requests_since_retrain", "requests served with no gradient step since the "
-              "method last had to train", "requests before a retrain is needed", "Chowdhury et al., S3T, ICLR 2025"),
+              "method last had to train (S3T: since the last learn, until every shard has run out "
+              "of sequences)", "requests before a retrain is needed (deletion capacity)",
+              "Chowdhury et al., S3T, ICLR 2025"),
     MetricDoc("unlearn/live_shards", "S3T shards with a live sequence", "—", "Chowdhury et al., S3T, ICLR 2025"),
     MetricDoc("unlearn/served_prefix", "mean over live shards of served stages / slices",
               "—", "Chowdhury et al., S3T, ICLR 2025"),
@@ -291,6 +293,12 @@ CHANGELOG: tuple[tuple[str, str, str], ...] = (
     ("issue 19", "unlearn/<name>_ls", "ReLearn's tokens: nltk word_tokenize of the lower-cased answer, "
      "punctuation kept, \"'s\" split (was [a-z0-9']+ words)"),
     ("issue 19", "unlearn/mia_auc", "also logged on QA streams (answer-NLL LOSS attack, forget vs unseen)"),
+    ("issue 20", "unlearn/retrain_samples", "SISA trains the official per-slice epochs "
+     "int((s+1)·a) − int(s·a), a = 2·train.epochs/(slices+1), instead of train.epochs at every "
+     "stage: SISA's value is smaller (about 2/(slices+1) of before)"),
+    ("issue 20", "unlearn/requests_since_retrain", "S3T counts until every shard has run out of "
+     "sequences since the last learn (the paper's deletion capacity); it was reset by any shard "
+     "retrain"),
 )
 
 

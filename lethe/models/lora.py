@@ -12,6 +12,11 @@ adapters all at once (``lora.rank > 0``) so all three share one frozen backbone.
 - peft's ``inject_adapter_in_model`` adds the adapters in place (no wrapper class), so
   parameter names stay ``<layer>.lora_A.default.weight``; LoRA B starts at zero, so a fresh
   adapter leaves the backbone's outputs unchanged bit for bit.
+- a fused attention projection (timm's ``qkv``: one Linear(d, 3d) for query, key and value)
+  gets, with ``fused_qkv: qv``, two adapters added to its query and value output slices only
+  (:func:`fused_qv_lora`; parameters ``<layer>.lora_q_A.weight`` ...), the key untouched: what
+  S3T's official code trains on Hugging Face's ViT (peft ``target_modules=["query",
+  "value"]``). ``fused_qkv: qkv`` puts one peft adapter on the whole layer (k adapted too).
 
 Only :class:`LoraOptions` is needed at import time (method config schemas), so torch is
 imported inside the functions and ``lethe list`` stays fast.
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 
 from lethe.errors import ConfigError
 
@@ -36,6 +41,12 @@ class LoraOptions:
     # > 0: first train the whole model this many epochs on the stream's non-deletable public
     # split (e.g. scenario.public_fraction), then freeze it as the backbone
     pretrain_epochs: int = 0
+    # a fused q/k/v projection (a Linear named *qkv, 3x as many outputs as inputs): qv = adapt
+    # only its query and value slices (as S3T's official query/value LoRA), qkv = the whole layer
+    fused_qkv: str = "qkv"
+
+
+FUSED_QKV = ("qv", "qkv")
 
 
 @lru_cache(maxsize=None)
@@ -110,15 +121,80 @@ def _chosen(layers: list[str], names, error: type, kinds: str, key: str, empty: 
     return layers
 
 
+def is_fused_qkv(name: str, module) -> bool:
+    """A fused query/key/value projection: an nn.Linear named ``qkv`` (timm's Attention)
+    whose output is three equal slices [q | k | v]."""
+    from torch import nn
+
+    return (isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] == "qkv"
+            and module.out_features == 3 * module.in_features)
+
+
+@cache
+def _fused_qv_class():
+    import math
+
+    import torch
+    from torch import nn
+
+    class FusedQVLora(nn.Module):
+        """A frozen fused qkv Linear plus LoRA updates of its q and v output slices; k is
+        the base layer's, bit for bit. B starts at zero: a fresh adapter changes nothing."""
+
+        def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, rslora: bool):
+            super().__init__()
+            self.base_layer, d = base, base.out_features // 3
+            self.scaling = alpha / (math.sqrt(rank) if rslora else rank)
+            self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+            for part in ("q", "v"):
+                a = nn.Linear(base.in_features, rank, bias=False)
+                b = nn.Linear(rank, d, bias=False)
+                nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))   # peft's default init
+                nn.init.zeros_(b.weight)
+                a.to(base.weight.device, base.weight.dtype)
+                b.to(base.weight.device, base.weight.dtype)
+                setattr(self, f"lora_{part}_A", a)
+                setattr(self, f"lora_{part}_B", b)
+
+        def forward(self, x):
+            out = self.base_layer(x)
+            # a dropout mask of its own per adapter, as two separate LoRA layers would draw
+            dq = self.lora_q_B(self.lora_q_A(self.lora_dropout(x))) * self.scaling
+            dv = self.lora_v_B(self.lora_v_A(self.lora_dropout(x))) * self.scaling
+            # concatenated, not written in place: autograd and torch.func (vmap) friendly
+            return out + torch.cat([dq, torch.zeros_like(dq), dv], dim=-1)
+
+    return FusedQVLora
+
+
+def fused_qv_lora(base, opts: LoraOptions):
+    """``base`` (a fused qkv Linear) wrapped with query/value-only LoRA adapters."""
+    return _fused_qv_class()(base, int(opts.rank), float(opts.alpha), float(opts.dropout),
+                             bool(opts.rslora))
+
+
 def add_lora(model, targets: list[str], opts: LoraOptions, head: str):
-    """Inject LoRA adapters (peft) into ``targets``; freeze everything but adapters and head."""
+    """Inject LoRA adapters (peft) into ``targets``; freeze everything but adapters and head.
+    With ``opts.fused_qkv == "qv"`` fused qkv targets get :func:`fused_qv_lora` instead."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=int(opts.rank), lora_alpha=float(opts.alpha),
-                        lora_dropout=float(opts.dropout), use_rslora=bool(opts.rslora),
-                        target_modules="(" + "|".join(re.escape(t) for t in targets) + ")",
-                        bias="none")
-    model = inject_adapter_in_model(config, model)
+    mode = str(getattr(opts, "fused_qkv", "qkv"))
+    if mode not in FUSED_QKV:
+        raise ConfigError(f"bad value for 'method.lora.fused_qkv': '{mode}' (choose qv: adapt "
+                          f"the query and value slices of a fused qkv layer, or qkv: all of it)")
+    modules = dict(model.named_modules())
+    fused = [t for t in targets if mode == "qv" and is_fused_qkv(t, modules[t])]
+    rest = [t for t in targets if t not in fused]
+    if rest:
+        config = LoraConfig(r=int(opts.rank), lora_alpha=float(opts.alpha),
+                            lora_dropout=float(opts.dropout), use_rslora=bool(opts.rslora),
+                            target_modules="(" + "|".join(re.escape(t) for t in rest) + ")",
+                            bias="none")
+        model = inject_adapter_in_model(config, model)
+    for t in fused:
+        parent, _, child = t.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, fused_qv_lora(getattr(owner, child), opts))
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name or name.startswith(head + "."))
     return model
@@ -184,5 +260,5 @@ def lm_linear_targets(lm, names=None) -> list[str]:
 
 
 __all__ = ["LoraOptions", "resize_input", "add_lora", "adapter_params", "count", "find_head",
-           "freeze_norm_stats", "group_top_down", "head_params", "lora_targets",
-           "is_conv1d", "lm_linear_targets"]
+           "freeze_norm_stats", "fused_qv_lora", "group_top_down", "head_params", "lora_targets",
+           "is_conv1d", "is_fused_qkv", "lm_linear_targets"]

@@ -32,7 +32,9 @@ class SimpleCNNConfig:
 @dataclass
 class ResNet18Config:
     weights_path: Optional[str] = field(default=None, metadata={"path": True})  # local state_dict
-    small_input: bool = True      # 3x3 stem without max-pool, for 32x32 images (CIFAR-style)
+    # 3x3 stem without max-pool, for 32x32 images (CIFAR-style); with ImageNet weights set it
+    # false: the 3x3 stem cannot take their 7x7 conv1 (a ConfigError says so)
+    small_input: bool = True
 
 
 @dataclass
@@ -74,15 +76,20 @@ def simple_cnn(cfg, info: ModelInfo):
         nn.Linear(2 * c, info.n_classes))
 
 
-def load_weights(model, path: str, prefix: str):
-    """Load a local state_dict, skipping the classifier when its shape differs."""
+def read_state(path: str, prefix: str) -> dict:
+    """The state_dict in a local weights file (ConfigError naming the file if unreadable)."""
     import torch
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ConfigError(f"{prefix}.weights_path: cannot load '{path}': {exc}") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def load_weights(model, path: str, prefix: str, state: dict | None = None):
+    """Load a local state_dict, skipping the classifier when its shape differs."""
+    state = read_state(path, prefix) if state is None else state
     own = model.state_dict()
     kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not kept:
@@ -91,9 +98,29 @@ def load_weights(model, path: str, prefix: str):
     return model
 
 
+def check_stem(state: dict, model, cfg, info: ModelInfo) -> None:
+    """Refuse weights whose conv1 the built stem cannot take: loading would skip it and leave
+    a random first layer under pretrained blocks (frozen, for the LoRA methods)."""
+    theirs, ours = state.get("conv1.weight"), model.conv1.weight
+    if theirs is None or tuple(theirs.shape) == tuple(ours.shape):
+        return
+    why = ("model.small_input=true builds a 3x3 stem" if cfg.small_input else
+           f"the input has {int(info.input_shape[0])} channels")
+    raise ConfigError(f"model.weights_path: conv1.weight in '{cfg.weights_path}' has shape "
+                      f"{list(theirs.shape)} but {why} ({list(ours.shape)}), so the pretrained stem "
+                      f"would be dropped: set model.small_input=false (and feed 3-channel images) "
+                      f"to keep it")
+
+
 @register_model("resnet18", config=ResNet18Config)
 def resnet18(cfg, info: ModelInfo):
-    """torchvision ResNet-18 (random init or a local weights file)."""
+    """torchvision ResNet-18 (random init or a local weights file).
+
+    ``small_input`` (default) swaps the 7x7/stride-2 stem and max-pool for a 3x3/stride-1
+    stem, for 32x32 images. Weights whose conv1 does not fit the built stem (ImageNet weights
+    with small_input=true) are a ConfigError naming the fix, not a silently random stem; we
+    chose an error over switching the stem off automatically so that a config means one
+    architecture whatever weights it loads."""
     from torch import nn
     from torchvision.models import resnet18 as tv_resnet18
 
@@ -104,7 +131,11 @@ def resnet18(cfg, info: ModelInfo):
                                 padding=1 if cfg.small_input else 3, bias=False)
     if cfg.small_input:
         model.maxpool = nn.Identity()
-    return load_weights(model, cfg.weights_path, "model") if cfg.weights_path else model
+    if not cfg.weights_path:
+        return model
+    state = read_state(cfg.weights_path, "model")
+    check_stem(state, model, cfg, info)
+    return load_weights(model, cfg.weights_path, "model", state)
 
 
 @register_model("timm", config=TimmConfig)

@@ -120,22 +120,26 @@ def cmd_run(args) -> int:
         resume = "latest"
     cfg = load_config(args.config, overrides)
     if args.nproc is not None:
-        from lethe.engine.distributed import check_launch
+        from lethe.platform.runner import check_distributable
 
-        check_launch(cfg, args.nproc)
+        check_distributable(cfg, args.nproc)
         if args.nproc > 1:
-            if args.seeds is not None or resume is not None:
-                raise ConfigError("--nproc cannot be combined with --seeds or --resume yet "
-                                  "(run each seed, or the resumed run, in one process)")
-            return _run_distributed(cfg, args.config, overrides, args.nproc)
+            if args.seeds is not None:
+                if resume is not None:
+                    raise ConfigError("--seeds and --resume cannot be combined (resume each seed's "
+                                      "run by its id)")
+                return _run_seeds_distributed(cfg, args.config, overrides, args.nproc, args.seeds)
+            return _run_distributed(cfg, args.config, overrides, args.nproc, resume)
     if args.seeds is not None:
         if resume is not None:
             raise ConfigError("--seeds and --resume cannot be combined (resume each seed's run by its id)")
         return _run_seeds(cfg, args.seeds)   # a bad URI: exit 2 from the parent's Tracker
+    from lethe.engine.distributed import announce_result, launcher_tags
     from lethe.platform.runner import run_experiment
 
-    result = run_experiment(cfg, resume=resume is not None,
+    result = run_experiment(cfg, resume=resume is not None, tags=launcher_tags(),
                             resume_run_id=None if resume in (None, "latest") else resume)
+    announce_result(result)   # a rank of --nproc N: rank 0 tells the launcher
     if result.run_id is None:   # a rank other than 0 of --nproc N: rank 0 reports
         return EXIT_OK
     print(result.summary)
@@ -145,26 +149,76 @@ def cmd_run(args) -> int:
     return EXIT_OK
 
 
-def _run_distributed(cfg, config: str, overrides: list[str], nproc: int) -> int:
-    """``--nproc N``: N ranks through torchrun. Rank 0 ends its MLflow run itself; a rank that
-    dies (or is stopped by torchrun after another failed) cannot, so the launcher marks the run
-    FAILED when any rank failed, KILLED when the launcher was interrupted."""
-    from lethe.engine.distributed import launch
+def _run_distributed(cfg, config: str, overrides: list[str], nproc: int, resume: str | None) -> int:
+    """``--nproc N``: N ranks through torchrun (see :func:`_launch_ranks`)."""
+    code, said, _ = _launch_ranks(cfg, ["run", config, *overrides], nproc, resume)
+    if said:
+        print(said, file=sys.stderr)
+    return code
 
-    with tempfile.TemporaryDirectory(prefix="lethe-dist-") as folder:
+
+def _launch_ranks(cfg, argv: list[str], nproc: int, resume: str | None = None,
+                  tags: dict | None = None) -> tuple[int, str, dict | None]:
+    """Run ``lethe argv`` in N ranks; returns (exit code, the failure to say, rank 0's result).
+
+    Rank 0 ends its MLflow run itself; a rank that dies (or is stopped by torchrun after
+    another failed) cannot, so the launcher marks the run FAILED when any rank failed, KILLED
+    when the launcher was interrupted. ``--resume``: the launcher finds the checkpoint (the
+    newest unfinished run of this config, or the given run id) and holds its folder's lock for
+    the whole run; every rank is told the run id, so all of them load that same checkpoint.
+    ``tags``: extra MLflow tags of the new run (a seed of ``--seeds``)."""
+    import contextlib
+
+    from lethe.engine.distributed import launch, read_result
+
+    with tempfile.TemporaryDirectory(prefix="lethe-dist-") as folder, contextlib.ExitStack() as held:
+        if resume is not None:
+            from lethe.platform.run_lock import run_folder_lock
+
+            run_folder = _resumable(cfg, resume)
+            held.enter_context(run_folder_lock(run_folder, resuming=True))
+            argv = [*argv, "--resume", run_folder.name]
         try:
-            code, failed_rank = launch(nproc, ["run", config, *overrides], folder)
+            code, failed_rank = launch(nproc, argv, folder, tags)
         except KeyboardInterrupt as exc:
             exc.lethe_run_id = _end_run(cfg, folder, "KILLED")
             raise
         if code == EXIT_OK:
-            return EXIT_OK
+            return EXIT_OK, "", read_result(folder)
         run_id = _end_run(cfg, folder, "FAILED")
         said = Path(folder, f"error.{failed_rank}")
         first = said.read_text() if said.exists() else f"lethe: run failed: exit code {code}"
-        print(f"{first} [rank {failed_rank} of {nproc}; the other ranks were stopped"
-              + (f"; MLflow run {run_id} is marked FAILED]" if run_id else "]"), file=sys.stderr)
-        return code
+        return code, (f"{first} [rank {failed_rank} of {nproc}; the other ranks were stopped"
+                      + (f"; MLflow run {run_id} is marked FAILED]" if run_id else "]")), None
+
+
+def _run_seeds_distributed(cfg, config: str, overrides: list[str], nproc: int, n: int) -> int:
+    """``--seeds N --nproc P``: the parent run here, each seed a P-rank run as its child."""
+    from lethe.platform.runner import RunResult
+    from lethe.platform.seeds import run_seeds, summary_table
+
+    def one_seed(child, tags: dict):
+        code, said, result = _launch_ranks(child, ["run", config, *overrides, f"seed={child.seed}"],
+                                           nproc, tags=tags)
+        if code:
+            error = LetheError(said.removeprefix("lethe: run failed: ").removeprefix("lethe: error: "))
+            error.exit_code = code
+            raise error
+        return RunResult(status="FINISHED", **result)
+
+    parent, results, agg = run_seeds(cfg, n, run_one=one_seed)
+    print(summary_table(agg))
+    print(f"\nMLflow parent run {parent} FINISHED with {len(results)} seed runs of {nproc} "
+          f"processes — experiment '{results[0].experiment}' at {results[0].tracking_uri}")
+    return EXIT_OK
+
+
+def _resumable(cfg, resume: str):
+    from lethe.platform import checkpoint as ckpt
+    from lethe.platform.config import to_yaml
+
+    return ckpt.find_resumable(cfg.checkpoint.dir, None if resume == "latest" else resume,
+                               ckpt.config_hash(to_yaml(cfg)))
 
 
 def _end_run(cfg, folder: str, status: str) -> str | None:

@@ -66,6 +66,18 @@ def check_compatible(method_entry, stream, cfg) -> None:
                           f"{' (set scenario.task_labels=true)' if 'task_incremental' in settings else ''}")
 
 
+def check_distributable(cfg: DictConfig, ranks: int) -> None:
+    """What training in ``ranks`` processes needs of a config (``--nproc``, multi-task SLURM
+    jobs), checked before any process starts."""
+    from lethe.engine.distributed import check_launch
+
+    check_launch(cfg, ranks)
+    why = registry.get("methods", cfg.method.name).obj.not_distributable
+    if ranks > 1 and why:
+        raise ConfigError(f"method '{cfg.method.name}' cannot train in several processes: {why}; "
+                          f"run it in one process (without --nproc / slurm.tasks_per_node)")
+
+
 def build_components(cfg: DictConfig):
     """Scenario stream, model and method entry: everything that can fail on user input."""
     from lethe.models.vision import ModelInfo
@@ -124,11 +136,14 @@ class Runner:
     def run(self) -> RunResult:
         """The run, under MLflow HTTP limits (a dead server fails it within a minute) and a
         lock on its run folder (two processes cannot continue one run)."""
+        from lethe.engine.distributed import world_size
         from lethe.platform.run_lock import run_folder_lock
         from lethe.platform.tracking import http_limits
 
         with http_limits(), contextlib.ExitStack() as self._held:
-            if self.resume_folder is not None:   # before anything touches the run
+            # before anything touches the run; with --nproc N the launcher holds the lock for
+            # all ranks (a second rank's flock would be refused)
+            if self.resume_folder is not None and world_size() == 1:
                 self._held.enter_context(run_folder_lock(self.resume_folder, resuming=True))
             return self._run()
 
@@ -314,7 +329,8 @@ class Runner:
         ckpt.set_rng_state(state["rng"])
         start = int(state["next"])
         log.info("resumed run %s at experience %d/%d", self.tracker.run_id, start, n)
-        print(f"resuming run {self.tracker.run_id} at experience {start}/{n}")
+        if self.lead:
+            print(f"resuming run {self.tracker.run_id} at experience {start}/{n}")
         return start
 
     def _serve(self, exp, n: int, method, evaluator, plugins) -> dict:

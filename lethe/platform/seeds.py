@@ -34,10 +34,11 @@ def aggregate_finals(finals: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def run_seeds(cfg: DictConfig, n_seeds: int, tags: dict[str, str] | None = None):
-    """Run seeds cfg.seed .. cfg.seed+N-1 as child runs; returns (parent id, results, aggregates)."""
+def run_seeds(cfg: DictConfig, n_seeds: int, tags: dict[str, str] | None = None, run_one=None):
+    """Run seeds cfg.seed .. cfg.seed+N-1 as child runs; returns (parent id, results, aggregates).
+    ``run_one(child_cfg, child_tags) -> RunResult`` runs one seed (default: in this process;
+    ``--nproc`` passes one that launches the seed's ranks)."""
     from lethe.platform.config import flatten, to_yaml
-    from lethe.platform.runner import run_experiment
     from lethe.platform.tracking import Tracker
 
     if n_seeds < 1:
@@ -51,7 +52,7 @@ def run_seeds(cfg: DictConfig, n_seeds: int, tags: dict[str, str] | None = None)
         for k in range(n_seeds):
             child = OmegaConf.merge(cfg, {"seed": cfg.seed + k})
             OmegaConf.set_readonly(child, True)
-            results.append(run_experiment(child, tags=T.child_tags(T.SEEDS, parent, k)))
+            results.append((run_one or _in_process)(child, T.child_tags(T.SEEDS, parent, k)))
         agg = aggregate_finals([r.final for r in results])
         tracker.log_metrics(agg, step=0)
         tracker.log_text(summary_table(agg), "seed_summary.txt")
@@ -62,6 +63,12 @@ def run_seeds(cfg: DictConfig, n_seeds: int, tags: dict[str, str] | None = None)
         raise
     finally:
         tracker.end(status)
+
+
+def _in_process(cfg: DictConfig, tags: dict[str, str]):
+    from lethe.platform.runner import run_experiment
+
+    return run_experiment(cfg, tags=tags)
 
 
 def summary_table(agg: dict[str, float]) -> str:

@@ -1,13 +1,11 @@
 """ReLearn's data augmentation (Xu et al., 2025, "ReLearn: Unlearning via Learning for Large
 Language Models"; repo zjunlp/unlearn). See docs/unlearning.md, "ReLearn".
 
-ReLearn does not push the forget answers' likelihood down; it fine-tunes the model on new
-targets for the forget questions: question variants (paraphrase, more specific, noisy,
-reversed relation), each with a vague-but-relevant answer that keeps the subject and carries
-none of the private facts, plus "cut" samples (the question and the first part of the
-original answer as prompt, a vague continuation as target) and general positive QA pairs
-(~1.2× the forget items) that keep the model fluent. Every generated answer goes through a
-leakage check (:func:`leaks`) and is redrawn when it names a fact of the original answer.
+ReLearn fine-tunes the model on new targets for the forget questions: question variants
+(paraphrase, more specific, noisy, reversed relation), each with a vague-but-relevant answer
+that keeps the subject and none of the private facts (a leakage check, :func:`leaks`, redraws
+it otherwise), plus "cut" samples and general positive QA pairs that keep the model fluent
+(how they are assembled: lethe/methods/relearn.py, ``method.augment_style``).
 
 The paper prompts a large LLM for all of this. Here the augmenter is pluggable
 (:func:`make_augmenter`):
@@ -23,7 +21,10 @@ The paper prompts a large LLM for all of this. Here the augmenter is pluggable
 
 Private facts are what :func:`lethe.scenarios.facts.extract_entities` finds (names, places,
 titles, years and other numbers). Lower-case facts (a genre, a parent's job) are invisible to
-that check, so the answer templates avoid such words by construction.
+that check, so the answer templates avoid such words by construction. The judge
+(``leak_judge``, :data:`LEAK_JUDGES`): ``strict`` rejects any such entity or number of the
+original answer; ``entity_overlap`` only its named entities (numbers and dates pass: the
+official LLM privacy judge counts birth dates as public); ``none`` accepts everything.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ KINDS = ("paraphrase", "specific", "noisy", "reversed")   # question variants, c
 CUT, POSITIVE = "cut", "positive"
 LLM_SUFFIX = "_llm"
 NO_SUBJECT = "this author"        # stands in for the subject when a question names nobody
+LEAK_JUDGES = ("strict", "entity_overlap", "none")
 
 _WORD = re.compile(r"\w+|[^\w\s]")    # the word tokenizer's split (lethe/scenarios/tofu.py)
 _LETTERS = re.compile(r"[A-Za-z]+")
@@ -190,10 +192,15 @@ def _private_facts(original_answer: str, subject: str) -> list[str]:
     return list(dict.fromkeys(facts))
 
 
-def _leaked(text: str, original_answer: str, subject: str, known: str = "") -> list[str]:
-    """The private facts of ``original_answer`` that ``text`` names and ``known`` does not."""
+def _leaked(text: str, original_answer: str, subject: str, known: str = "",
+            judge: str = "strict") -> list[str]:
+    """The private facts of ``original_answer`` that ``text`` names and ``known`` does not
+    (``judge`` as in :data:`LEAK_JUDGES`)."""
     out = []
-    for fact in _private_facts(original_answer, subject):
+    facts = [] if judge == "none" else _private_facts(original_answer, subject)
+    for fact in facts:
+        if judge == "entity_overlap" and fact.isdigit():
+            continue
         if fact.isdigit():
             found = re.search(r"(?<!\d)" + fact + r"(?!\d)", text) is not None
             already = re.search(r"(?<!\d)" + fact + r"(?!\d)", known) is not None
@@ -204,10 +211,10 @@ def _leaked(text: str, original_answer: str, subject: str, known: str = "") -> l
     return out
 
 
-def leaks(answer: str, original_answer: str, subject: str) -> bool:
+def leaks(answer: str, original_answer: str, subject: str, judge: str = "strict") -> bool:
     """True when ``answer`` names an entity of ``original_answer`` other than the subject
-    (case-insensitive, whole words), or any number of it."""
-    return bool(_leaked(answer, original_answer, subject))
+    (case-insensitive, whole words), or (judge ``strict``) any number of it."""
+    return bool(_leaked(answer, original_answer, subject, judge=judge))
 
 
 # --- question rewriting -------------------------------------------------------------------
@@ -266,7 +273,7 @@ class TemplateAugmenter:
     whitespace words; answers of fewer than 2 words give no cut sample."""
 
     def __init__(self, variants: int = 4, cut_fraction: float = 0.25, max_tries: int = 8,
-                 answers: tuple = VAGUE_ANSWERS):
+                 answers: tuple = VAGUE_ANSWERS, leak_judge: str = "strict"):
         if variants < 1:
             raise ValueError(f"variants={variants} must be ≥ 1 (question variants per item)")
         if not 0.0 < cut_fraction < 1.0:
@@ -274,7 +281,7 @@ class TemplateAugmenter:
         if not answers or any("{subject}" not in a for a in answers):
             raise ValueError("answers: give at least one template, each with a {subject} placeholder")
         self.variants, self.cut_fraction = int(variants), float(cut_fraction)
-        self.max_tries, self.answers = int(max_tries), tuple(answers)
+        self.max_tries, self.answers, self.leak_judge = int(max_tries), tuple(answers), leak_judge
 
     # templates this augmenter can emit (vocabulary_text lists their words)
     def templates(self) -> list[str]:
@@ -334,11 +341,11 @@ class TemplateAugmenter:
 
         for _ in range(self.max_tries):
             text = fill(pool[int(rng.integers(len(pool)))])
-            if not leaks(text, original, subject):
+            if not leaks(text, original, subject, self.leak_judge):
                 return text
         for template in pool:
             text = fill(template)
-            if not leaks(text, original, subject):
+            if not leaks(text, original, subject, self.leak_judge):
                 return text
         return fill(BARE_SUBJECT)
 
@@ -429,10 +436,11 @@ class LLMAugmenter:
             seed = int(rng.integers(2 ** 31 - 1))
             q = self.generate(QUESTION_PROMPT.format(instruction=QUESTION_INSTRUCTIONS[kind],
                                                      question=item["question"]), seed)
-            if not q or _leaked(q, item["answer"], subject, known=item["question"]):
+            judge = getattr(self.fallback, "leak_judge", "strict")
+            if not q or _leaked(q, item["answer"], subject, known=item["question"], judge=judge):
                 continue
             a = self.generate(ANSWER_PROMPT.format(subject=subject, question=q), seed + 1)
-            if a and not leaks(a, item["answer"], subject):
+            if a and not leaks(a, item["answer"], subject, judge):
                 return {"question": q, "answer": a, "kind": kind + LLM_SUFFIX}
         return None
 
@@ -463,14 +471,14 @@ class LLMAugmenter:
 
 
 # --- factory and driver -----------------------------------------------------------------------
-def make_augmenter(spec: Optional[str] = None, seed: Optional[int] = None):
-    """None, "" or "template" → :class:`TemplateAugmenter`; a local folder → an
-    :class:`LLMAugmenter` on the causal LM in it. ``seed`` is kept as ``augmenter.seed``,
-    the seed :func:`augment_all` uses when called without one."""
+def make_augmenter(spec: Optional[str] = None, seed: Optional[int] = None, leak_judge: str = "strict"):
+    """None, "" or "template" → :class:`TemplateAugmenter`; a local folder (e.g. an
+    instruction-tuned LM) → an :class:`LLMAugmenter` on it. ``seed`` is kept as
+    ``augmenter.seed``, the seed :func:`augment_all` uses when called without one."""
     if spec is None or spec in ("", "template"):
-        aug = TemplateAugmenter()
+        aug = TemplateAugmenter(leak_judge=leak_judge)
     elif isinstance(spec, str) and os.path.isdir(os.path.expanduser(spec)):
-        aug = LLMAugmenter(spec)
+        aug = LLMAugmenter(spec, fallback=TemplateAugmenter(leak_judge=leak_judge))
     else:
         raise ValueError(f"augmenter: '{spec}' is not accepted; use null or 'template' (offline "
                          f"templates) or the path of a local Hugging Face causal LM folder")
@@ -487,6 +495,5 @@ def augment_all(items, augmenter: Augmenter, seed: Optional[int] = None) -> list
     return [s for item in items for s in augmenter.augment(item, rng)]
 
 
-__all__ = ["Augmenter", "TemplateAugmenter", "LLMAugmenter", "KINDS", "CUT", "POSITIVE",
-           "subject_of", "leaks", "vocabulary_text", "positive_pairs", "make_augmenter",
-           "augment_all"]
+__all__ = ["Augmenter", "TemplateAugmenter", "LLMAugmenter", "KINDS", "CUT", "POSITIVE", "LEAK_JUDGES",
+           "subject_of", "leaks", "vocabulary_text", "positive_pairs", "make_augmenter", "augment_all"]

@@ -77,12 +77,15 @@ class MemberJob(submitit.helpers.Checkpointable):
 
         cfg = load_config(spec.config_path)
         job_id = _current_job_id()
-        resume_id, finished = _run_to_resume(spec, cfg.checkpoint.dir, job_id)
+        lead = _join_ranks()
+        resume_id, finished = _run_to_resume(spec, cfg.checkpoint.dir, job_id, lead)
         if finished:  # a requeue after the run ended: nothing to do
             return {"run_id": resume_id, "status": "FINISHED", "resumed": False}
         tags = {**T.child_tags(T.SWEEP, spec.parent_run_id, spec.index),
                 T.SWEEP_LABEL: spec.label, T.SWEEP_JOB: job_id}
         result = run_experiment(cfg, resume_run_id=resume_id, tags=tags)
+        if not lead:   # rank 0 reports the run
+            return {"run_id": None, "status": result.status, "resumed": bool(resume_id)}
         print(result.summary, flush=True)
         return {"run_id": result.run_id, "status": result.status, "resumed": bool(resume_id),
                 "final": {k: float(v) for k, v in result.final.items()}}
@@ -95,9 +98,25 @@ class MemberJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(self, spec)
 
 
-def _run_to_resume(spec: MemberSpec, checkpoint_dir: str, job_id: str) -> tuple[str | None, bool]:
+def _join_ranks() -> bool:
+    """In a job of several tasks (slurm.nodes × slurm.tasks_per_node), make this task one rank
+    of the run: submitit's TorchDistributedEnvironment exports RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR and MASTER_PORT from SLURM's variables, and the training engine then opens the
+    process group as under ``--nproc``. Returns whether this task is rank 0."""
+    try:
+        env = submitit.JobEnvironment()
+    except RuntimeError:   # not in a submitit job (called directly)
+        return True
+    if env.num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return env.global_rank == 0
+
+
+def _run_to_resume(spec: MemberSpec, checkpoint_dir: str, job_id: str,
+                   lead: bool = True) -> tuple[str | None, bool]:
     """The member's newest run with a checkpoint (and whether it already FINISHED); older
-    attempts that died before their first checkpoint are deleted, having nothing to continue."""
+    attempts that died before their first checkpoint are deleted (by rank 0 only: every rank
+    reads the same answer), having nothing to continue."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(spec.tracking_uri)
@@ -108,9 +127,9 @@ def _run_to_resume(spec: MemberSpec, checkpoint_dir: str, job_id: str) -> tuple[
             resume_id = run.info.run_id
             if run.info.status == "FINISHED":
                 return resume_id, True
-        else:
+        elif lead:
             client.delete_run(run.info.run_id)
-    if resume_id:
+    if resume_id and lead:
         client.set_tag(resume_id, T.SWEEP_JOB, job_id)
         print(f"sweep member {spec.index} ({spec.label}): resuming MLflow run {resume_id} "
               f"from its checkpoint (job {job_id})", flush=True)
@@ -209,7 +228,9 @@ def make_executor(opts: SweepOptions, jobs_dir: Path, name: str):
     params: dict[str, Any] = dict(job_name=f"lethe-{name}", time=s.time, cpus_per_task=s.cpus,
                                   array_parallelism=s.array_parallelism,
                                   signal_delay_s=s.signal_delay_s)
-    optional = {"partition": s.partition, "mem": s.mem, "gpus_per_node": s.gpus,
+    if s.nodes * s.tasks_per_node > 1:   # one rank per task (MemberJob joins them)
+        params.update(nodes=s.nodes, ntasks_per_node=s.tasks_per_node)
+    optional = {"partition": s.partition, "mem": s.mem, "gpus_per_node": s.gpus_per_node or s.gpus,
                 "setup": [str(x) for x in s.setup],
                 "additional_parameters": {str(k): v for k, v in s.extra.items()}}
     params.update({k: v for k, v in optional.items() if v})

@@ -28,7 +28,10 @@ class SlurmOptions:
     time: int = 60                    # minutes per job; members checkpoint and requeue at the limit
     cpus: int = 1                     # --cpus-per-task; the member's torch uses as many threads
     mem: str | None = None         # --mem, e.g. "8G"; None = the partition default
-    gpus: int = 0                     # --gpus-per-node (set device=cuda or auto in the config)
+    gpus: int = 0                     # --gpus-per-node (older name of gpus_per_node)
+    gpus_per_node: int = 0            # --gpus-per-node (set device=cuda or auto in the config)
+    nodes: int = 1                    # --nodes: > 1 (or tasks_per_node > 1) trains data-parallel,
+    tasks_per_node: int = 1           # one rank per task (--ntasks-per-node; one per GPU)
     array_parallelism: int = 64       # members running at once (--array=0-N%P)
     max_requeues: int = 3             # timeouts a member survives (submitit's max_num_timeout)
     signal_delay_s: int = 120         # USR2 this long before the limit: checkpoint, then requeue
@@ -148,6 +151,9 @@ def parse_options(block: Any, dotlist: list[str]) -> SweepOptions:
     for key, value, low in (("seeds", opts.seeds, 1), ("max_parallel", opts.max_parallel, 1),
                             ("retries", opts.retries, 0), ("slurm.time", opts.slurm.time, 1),
                             ("slurm.cpus", opts.slurm.cpus, 1), ("slurm.gpus", opts.slurm.gpus, 0),
+                            ("slurm.gpus_per_node", opts.slurm.gpus_per_node, 0),
+                            ("slurm.nodes", opts.slurm.nodes, 1),
+                            ("slurm.tasks_per_node", opts.slurm.tasks_per_node, 1),
                             ("slurm.array_parallelism", opts.slurm.array_parallelism, 1),
                             ("slurm.max_requeues", opts.slurm.max_requeues, 0)):
         if value < low:
@@ -207,6 +213,7 @@ def plan(config: str, overrides: list[str] | None = None, grid_args: list[str] |
         seed_list = [base.seed + i for i in range(opts.seeds)] if "seed" not in grid else []
         members = [_member(i, str(base_path), cfg_overrides, point)
                    for i, point in enumerate(_points(grid, seed_list, opts.seeds > 1))]
+    _check_ranks(members, opts)
     if opts.precheck:
         _precheck(members)
     return SweepPlan(source=config, options=opts, grid=grid, seeds=seed_list, members=members,
@@ -214,6 +221,27 @@ def plan(config: str, overrides: list[str] | None = None, grid_args: list[str] |
                      experiment=base.tracking.experiment,
                      checkpoint_dir=str(Path(os.path.expanduser(base.checkpoint.dir)).resolve()),
                      name=base.name)
+
+
+def ranks_of(opts: SweepOptions) -> int:
+    """Processes of one member job: nodes × tasks per node (SLURM executor only)."""
+    return opts.slurm.nodes * opts.slurm.tasks_per_node if opts.executor == "slurm" else 1
+
+
+def _check_ranks(members: list[Member], opts: SweepOptions) -> None:
+    """A member of several ranks is checked as ``--nproc`` checks a run, before submitting."""
+    if ranks_of(opts) == 1:
+        if opts.slurm.nodes * opts.slurm.tasks_per_node > 1:
+            raise ConfigError("slurm.nodes / slurm.tasks_per_node need executor=slurm")
+        return
+    from lethe.platform.runner import check_distributable
+
+    for m in members:
+        try:
+            check_distributable(m.cfg, ranks_of(opts))
+        except ConfigError as exc:
+            raise ConfigError(f"sweep member {m.index} ({m.label}), {ranks_of(opts)} ranks "
+                              f"(slurm.nodes × slurm.tasks_per_node): {exc}") from None
 
 
 def _check_grid(grid: dict, opts: SweepOptions) -> None:
