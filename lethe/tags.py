@@ -26,6 +26,7 @@ SWEEP_LABEL = "lethe.sweep.label"         # on a sweep child: "method.mem_size=2
 SWEEP_JOB = "lethe.sweep.job_id"          # on a sweep child: job id of the latest attempt
 SWEEP_FOLDER = "lethe.sweep.folder"       # on a sweep parent: its sweep folder
 SWEEP_EXECUTOR = "lethe.sweep.executor"   # on a sweep parent: local | slurm
+SUBMISSION = "lethe.slurm.submission"     # on a `lethe run --slurm` run: its submission's id
 
 LEGACY_SWEEP_ROLE = "lethe.sweep.role"    # "parent" on a sweep parent
 LEGACY_SWEEP_PARENT = "lethe.sweep.parent"

@@ -64,6 +64,30 @@ def test_weighted_shard_gradients_average_to_the_full_batch_gradient():
     torch.testing.assert_close(sum(grads) / 2, full, rtol=1e-6, atol=1e-7)
 
 
+def test_token_mean_loss_shards_are_weighted_by_their_target_tokens():
+    """A causal LM's loss is the mean over target tokens (-100 ignored), and rows carry
+    different numbers of them: weighting the shards by rows would not give the full-batch
+    gradient; weighting by tokens (N · tokens_r / tokens) does."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 4, requires_grad=True)
+    x = torch.randn(4, 5, 4)                                    # 4 rows × 5 positions
+    y = torch.randint(0, 3, (4, 5))
+    y[0, :4] = -100                                             # row 0: 1 token, row 1: 5, ...
+    y[2, :2] = -100
+
+    def loss_of(xs, ys):
+        return torch.nn.functional.cross_entropy((xs @ w.T).reshape(-1, 3), ys.reshape(-1),
+                                                 ignore_index=-100)
+
+    full = torch.autograd.grad(loss_of(x, y), w)[0]
+    shards = _shards_of([x, y], 2)
+    tokens = [int((ys != -100).sum()) for (_, ys), _ in shards]
+    assert tokens == [1 + 3, 5 + 5]                             # rows 0, 2 | rows 1, 3
+    grads = [torch.autograd.grad(loss_of(xs, ys) * weight, w)[0] for (xs, ys), weight in shards]
+    assert [float(wt) for _, wt in shards] == pytest.approx([2 * 4 / 14, 2 * 10 / 14], rel=1e-6)
+    torch.testing.assert_close(sum(grads) / 2, full, rtol=1e-6, atol=1e-7)
+
+
 def test_a_rank_left_without_rows_runs_one_row_at_weight_zero():
     (a, wa), (b, wb) = _shards(1, 2)
     assert a[1].tolist() == [0] and wa == 2.0
@@ -101,6 +125,12 @@ def _run(tmp_path, name: str, extra: list[str], nproc: int | None):
     return proc, uri
 
 
+def _artifact_text(client, run_id: str, name: str, tmp_path) -> str:
+    from pathlib import Path
+
+    return Path(client.download_artifacts(run_id, name, str(tmp_path))).read_text()
+
+
 def _model_state(folder, run_id):
     return torch.load(folder / run_id / "state.pt", weights_only=False)["method"]["model"]
 
@@ -135,6 +165,10 @@ def test_two_processes_match_one_process(tmp_path, method):
     theirs = _model_state(tmp_path / "one", one.info.run_id)
     for key in theirs:
         torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-5)
+    # the evaluation is sharded over the ranks and gathered: the accuracy matrix is the
+    # single-process one (identical predictions, see the module docstring)
+    matrices = [_artifact_text(client, r.info.run_id, "accuracy_matrix.csv", tmp_path) for r in (run, one)]
+    assert matrices[0] == matrices[1]
 
 
 @pytest.mark.integration
@@ -242,3 +276,32 @@ def test_a_method_that_cannot_train_distributed_is_refused_at_config_time(tmp_pa
     assert f"method '{preset.rsplit('_', 1)[0]}' cannot train in several processes" in proc.stderr
     assert why in proc.stderr and "run it in one process" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.integration
+def test_a_language_model_unlearning_run_with_two_processes_matches_one(tmp_path):
+    """Gradient ascent on the synthetic TOFU stream, tiny Llama: the learn phase trains
+    data-parallel through the template (DDP), the unlearning phase runs whole on every rank
+    (its own loop: identical inputs and seeds on every rank, no gradient exchange). The
+    2-process run differs from one process by float reassociation in the learn phase only,
+    carried through a few dozen AdamW steps: probabilities agree to 1e-3 relative (measured
+    differences are ~1e-6; a mis-sharded batch or a double-counted gradient moves them by
+    far more than 1e-3)."""
+    from tofu_helpers import small
+
+    extra = [*small(tmp_path), "model.layers=1", "model.d_model=32", "model.heads=2",
+             "scenario.el_n=30", "train.epochs=3", "method.epochs=3", "method.stop_at_target=false"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    finals = {}
+    for name, nproc in (("two", ["--nproc", "2"]), ("one", [])):
+        proc = run_cli(["run", "ga_tofu_synthetic", *extra, f"tracking.uri={uri}",
+                        f"tracking.experiment={name}", f"checkpoint.dir={tmp_path / name}", *nproc],
+                       cwd=ROOT, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        client, run = only_run(uri, name)
+        finals[name] = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)}
+                        for k in ("unlearn/forget_prob", "unlearn/model_utility", "unlearn/forget_ma")}
+    for key, by_step in finals["one"].items():
+        assert set(finals["two"][key]) == set(by_step) == {0, 1}, key
+        for step, value in by_step.items():
+            assert finals["two"][key][step] == pytest.approx(value, rel=1e-3), (key, step)

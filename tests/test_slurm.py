@@ -199,3 +199,19 @@ def test_a_two_task_slurm_job_trains_one_distributed_run(slurm_env, tmp_path):
     (other,) = mine.search_runs([mine.get_experiment_by_name("local").experiment_id])
     for key in ("acc/avg_seen", "acc/avg_all", "forgetting/avg", "bwt"):
         assert run.data.metrics[key] == other.data.metrics[key], key
+
+
+def test_lethe_run_slurm_submits_one_run_of_two_ranks(slurm_env, tmp_path):
+    """`lethe run --slurm slurm.tasks_per_node=2`: one job, one MLflow run (no sweep parent),
+    tagged with its submission; the command waits for it and reports the run."""
+    res = lethe("run", CONF, "--slurm", "slurm.tasks_per_node=2", *store(tmp_path, "single"), *SMALL,
+                cwd=tmp_path, env=slurm_env)
+    logs = "\n".join(p.read_text() for p in (tmp_path / "ck" / "slurm").glob("*/jobs/*/*_log.*"))
+    assert res.returncode == 0, res.stdout + res.stderr + logs
+    assert re.search(r"^submitted SLURM job \d+ \(submission (\w+)\)", res.stdout, re.M)
+    client = _client(tmp_path)
+    (run,) = client.search_runs([client.get_experiment_by_name("single").experiment_id])
+    assert run.info.status == "FINISHED" and f"MLflow run {run.info.run_id} FINISHED" in res.stdout
+    assert run.data.tags["lethe.slurm.submission"] in res.stdout
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "acc/avg_seen")) == [0, 1]
+    assert "global_rank=1(2)" in logs                         # a second rank did take part

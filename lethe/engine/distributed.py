@@ -26,9 +26,10 @@ What stays the same as one process, and why:
   different masks and the shared RNG stays in step for the next shuffle.
 
 One run whatever the process count: rank 0 alone opens the tracker and writes checkpoints and
-artifacts (the others get :class:`NullTracker`); every rank evaluates the full test set on its
-identical model. Not yet distributed: FSDP, resume, the evaluation itself (see
-docs/distributed.md).
+artifacts (the others get :class:`NullTracker`); the evaluators shard the test rows over the
+ranks and gather the predictions (lethe.metrics.evaluator.gather_rows). The same ranks come
+from torchrun (``--nproc``) or from a SLURM job's tasks (lethe.platform.sweep.jobs.join_ranks).
+Not yet: FSDP (see docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -180,7 +181,13 @@ class DataParallel:
 
         n = _batch_rows(mbatch)
         rows = torch.arange(self.rank, n, self.world)
-        self.weight = self.world * len(rows) / n if n else 0.0
+        target = mbatch[1] if len(mbatch) > 1 else None
+        if n and len(rows) and _is_token_target(target, n):
+            # a token-mean loss (causal LM): the ranks' shares of the batch's loss terms
+            mine = loss_terms(target[rows.to(target.device)])
+            self.weight = self.world * mine / loss_terms(target).clamp(min=1)
+        else:
+            self.weight = self.world * len(rows) / n if n else 0.0
         if len(rows) == 0:
             rows = torch.arange(min(n, 1))
         return [_take(item, rows, n) for item in mbatch]
@@ -233,6 +240,21 @@ def _avalanche_as_one_process() -> None:
     Helper.is_distributed = property(lambda self: False)
     Helper.rank = property(lambda self: 0)
     Helper.world_size = property(lambda self: 1)
+
+
+def _is_token_target(target, n: int) -> bool:
+    import torch
+
+    return (isinstance(target, torch.Tensor) and target.dim() == 2 and len(target) == n
+            and not target.is_floating_point())
+
+
+def loss_terms(target):
+    """How many terms a batch's mean loss averages: its target tokens (a 2-D integer target,
+    -100 = ignored, as a causal LM's cross-entropy; a device tensor, no host sync) or its rows."""
+    if _is_token_target(target, len(target)):
+        return (target != -100).sum()
+    return len(target)
 
 
 def _batch_rows(mbatch) -> int:
@@ -314,4 +336,4 @@ def launch(nproc: int, argv: list[str], folder: str, tags: dict | None = None) -
 __all__ = ["DataParallel", "NullTracker", "STRATEGIES", "BACKENDS", "check_config", "check_launch",
            "configure", "active", "world_size", "rank", "local_rank", "is_lead", "rank_seed",
            "rank_device", "backend_for", "announce_run", "announce_result", "read_result",
-           "launcher_tags", "launch", "torchrun_args"]
+           "launcher_tags", "launch", "torchrun_args", "loss_terms"]

@@ -5,6 +5,7 @@ checkpoints, so a resumed run continues exactly, and it may add metrics to each 
 """
 from __future__ import annotations
 
+from lethe.engine import distributed
 from lethe.errors import RunError
 
 
@@ -78,39 +79,45 @@ class TrainProgress(RunnerPlugin):
         self.log_lr, self.per_iteration = log_lr, per_iteration
         self.bar = None
         self._losses, self._sizes, self._steps = [], [], []
+        self._terms = None
 
     def before_training_epoch(self, strategy, **kwargs):
         from tqdm.auto import tqdm
 
         self._losses, self._sizes, self._steps = [], [], []
+        self._terms = [] if distributed.world_size() > 1 else None
         self.bar = tqdm(total=len(strategy.dataloader), leave=False, unit="it", disable=None,
                         desc=f"{self.describe()} epoch {strategy.clock.train_exp_epochs + 1}/{self.epochs}")
 
     def after_training_iteration(self, strategy, **kwargs):
         self._losses.append(strategy.loss.detach())
         self._sizes.append(len(strategy.mb_y))
+        if self._terms is not None:   # --nproc N: what each rank's mean loss averages
+            self._terms.append(distributed.loss_terms(strategy.mb_y))
         if self.per_iteration:
             self._steps.append(strategy.clock.train_iterations)
         if self.bar is not None and self.bar.update(1):   # True only when the bar redraws
             self.bar.set_postfix(loss=f"{float(self._losses[-1].sum()):.3f}", refresh=False)
 
     def _epoch_losses(self) -> list[float]:
-        """Every iteration's loss; under ``--nproc N`` the sample-weighted mean over the ranks'
-        shards (``_sizes`` becomes the global batch sizes), which is the single-process loss."""
+        """Every iteration's loss; under ``--nproc N`` the ranks' shard means weighted by their
+        loss terms (rows, or target tokens of a token-mean LM loss), which is the
+        single-process loss; ``_sizes`` becomes the global batch sizes."""
         import torch
 
-        from lethe.engine import distributed
-
         losses = torch.stack([v.reshape(()) for v in self._losses]).double()
-        if distributed.world_size() == 1:
+        if self._terms is None:
             return losses.tolist()
         import torch.distributed as dist
 
-        sizes = torch.tensor(self._sizes, dtype=torch.float64, device=losses.device)
-        both = torch.stack([losses * sizes, sizes])
+        dev = losses.device
+        sizes = torch.tensor(self._sizes, dtype=torch.float64, device=dev)
+        terms = torch.stack([torch.as_tensor(t, device=dev) for t in self._terms]).double()
+        self._terms = []
+        both = torch.stack([losses * terms, terms, sizes])
         dist.all_reduce(both)   # every rank ends its epochs together: a collective is safe here
-        self._sizes = both[1].tolist()
-        return (both[0] / both[1]).tolist()
+        self._sizes = both[2].tolist()
+        return (both[0] / both[1].clamp(min=1)).tolist()
 
     def after_training_epoch(self, strategy, **kwargs):
         if self.bar is not None:

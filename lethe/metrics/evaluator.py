@@ -150,6 +150,41 @@ class PredictionStore:
         self._stacked = None
 
 
+def _group_size(n: int) -> int:
+    """Processes sharing an evaluation of ``n`` rows: those of the data-parallel run this one
+    belongs to, or 1 (outside one, or fewer rows than processes)."""
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return world if n >= world else 1
+
+
+def rank_rows(n: int) -> tuple[int, int]:
+    """This process's contiguous share ``[lo, hi)`` of ``n`` evaluation rows: all of them in a
+    single process; rank r of W gets rows ``n·r//W .. n·(r+1)//W`` in a data-parallel run."""
+    world = _group_size(n)
+    if world == 1:
+        return 0, n
+    r = torch.distributed.get_rank()
+    return n * r // world, n * (r + 1) // world
+
+
+def gather_rows(part: torch.Tensor, n: int, dim: int = 0) -> torch.Tensor:
+    """The whole ``n`` rows along ``dim`` from every rank's :func:`rank_rows` share (in rank
+    order, so the result equals a single process's pass); ``part`` itself in a single process.
+    Shares differ by at most one row: each is padded to the largest for all_gather."""
+    world = _group_size(n)
+    if world == 1:
+        return part
+    sizes = [n * (r + 1) // world - n * r // world for r in range(world)]
+    shape = list(part.shape)
+    shape[dim] = max(sizes)
+    padded = part.new_zeros(shape)
+    padded.narrow(dim, 0, part.shape[dim]).copy_(part)
+    shares = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(shares, padded)
+    return torch.cat([t.narrow(dim, 0, k) for t, k in zip(shares, sizes)], dim)
+
+
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Copy a CPU tensor to ``device``; through pinned memory and asynchronously for CUDA."""
     if device.type == "cuda" and t.device.type == "cpu":
@@ -267,23 +302,27 @@ class Evaluator(BatchedPass, StreamEvaluator):
                                    seed=self.seed)
 
     def _run(self, fn: PredictFn, bs: int) -> torch.Tensor:
-        """argmax of fn over the preloaded data in batches of ``bs``: [..., N] int64."""
-        n = len(self.x)
+        """argmax of fn over the preloaded data in batches of ``bs``: [..., N] int64. In a
+        data-parallel run each rank predicts its share of the rows and the shares are gathered
+        (every rank holds the same model, so the result is the single-process one)."""
+        lo, hi = rank_rows(len(self.x))
+        n = hi - lo
 
         def attempt(bs: int) -> torch.Tensor:
             out = None
             with torch.inference_mode(), self._autocast():
-                for s in range(0, n, bs):
-                    p = _logits(fn(self.x[s:s + bs], self.task[s:s + bs])).argmax(-1)
+                for s in range(lo, hi, bs):
+                    e = min(s + bs, hi)
+                    p = _logits(fn(self.x[s:e], self.task[s:e])).argmax(-1)
                     if out is None:   # [N] for one model, [M, N] for a vmapped stack
                         out = torch.empty((*p.shape[:-1], n), dtype=torch.long, device=p.device)
-                    out[..., s:s + bs] = p
+                    out[..., s - lo:e - lo] = p
             if out is None:
                 return torch.empty(0, dtype=torch.long, device=self.device)
             # a normal tensor, not an inference tensor: users may edit rows in place
             return out.clone()
 
-        return self._with_oom_retry(attempt, bs)
+        return gather_rows(self._with_oom_retry(attempt, bs), len(self.x), dim=-1)
 
     def predict(self, predict_fn: PredictFn, model: torch.nn.Module | None = None) -> torch.Tensor:
         """[N] predictions of one model (``model`` is put in eval mode for the pass)."""

@@ -34,7 +34,8 @@ import math
 import torch
 
 from lethe.errors import RunError
-from lethe.metrics.evaluator import BatchedPass, PredictionStore, _logits, _to_device
+from lethe.metrics.evaluator import (BatchedPass, PredictionStore, _logits, _to_device, gather_rows,
+                                    rank_rows)
 from lethe.metrics.protocol import StreamEvaluator
 
 
@@ -89,22 +90,26 @@ class LMEvaluator(BatchedPass, StreamEvaluator):
 
     # --- passes -------------------------------------------------------------------------
     def _run_lm(self, fn, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n = len(self.x)
+        """Token predictions [N, L] and summed block losses [N]; sharded over the ranks of a
+        data-parallel run and gathered, as the classification evaluator's pass."""
+        lo, hi = rank_rows(len(self.x))
 
         def attempt(bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-            preds = torch.empty(self.y.shape, dtype=torch.long, device=self.device)
-            loss = torch.empty(n, dtype=torch.float64, device=self.device)
+            preds = torch.empty((hi - lo, self.block_len), dtype=torch.long, device=self.device)
+            loss = torch.empty(hi - lo, dtype=torch.float64, device=self.device)
             with torch.inference_mode(), self._autocast():
-                for s in range(0, n, bs):
-                    logits = _logits(fn(self.x[s:s + bs], self.task[s:s + bs]))
+                for s in range(lo, hi, bs):
+                    e = min(s + bs, hi)
+                    logits = _logits(fn(self.x[s:e], self.task[s:e]))
                     if logits.dim() != 3 or logits.shape[-1] != self.block_len:
                         raise RunError(f"an LM must return logits [batch, vocab, {self.block_len}]; "
                                        f"got {tuple(logits.shape)} (use model.name=hf_causal_lm)")
-                    preds[s:s + bs] = logits.argmax(1)
-                    loss[s:s + bs] = next_token_nll(logits, self.y[s:s + bs]).sum(1).double()
+                    preds[s - lo:e - lo] = logits.argmax(1)
+                    loss[s - lo:e - lo] = next_token_nll(logits, self.y[s:e]).sum(1).double()
             return preds, loss
 
-        return self._with_oom_retry(attempt, bs)
+        preds, loss = self._with_oom_retry(attempt, bs)
+        return gather_rows(preds, len(self.x)), gather_rows(loss, len(self.x))
 
     def evaluate(self, predict_fn, label: str, model: torch.nn.Module | None = None,
                  plain: bool = False) -> torch.Tensor:

@@ -27,6 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="train data-parallel in N processes on this machine (torchrun, DDP; "
                         "train.batch_size is the global batch; see docs/distributed.md)")
+    r.add_argument("--slurm", action="store_true",
+                   help="submit the run as one SLURM job (slurm.nodes=, slurm.tasks_per_node=, "
+                        "slurm.gpus_per_node=, slurm.time=, ... as overrides; see docs/distributed.md)")
+    r.add_argument("--no-wait", action="store_true",
+                   help="--slurm: return once the job is submitted")
     sw = sub.add_parser("sweep", help="run a grid × seeds of experiments (local or SLURM)",
                         description="Expand --grid values × --seeds over CONFIG, validate every member, "
                                     "and run them as child runs of one MLflow parent run. Sweep options: "
@@ -118,6 +123,14 @@ def cmd_run(args) -> int:
     if resume and "=" in resume:          # `--resume key=value`: an override, not a run id
         overrides.insert(0, resume)
         resume = "latest"
+    if args.slurm:
+        if args.nproc is not None or args.seeds is not None or resume is not None:
+            raise ConfigError("--slurm runs the config as one job: use slurm.nodes / "
+                              "slurm.tasks_per_node for several processes (not --nproc), a sweep for "
+                              "seeds (lethe sweep --seeds N executor=slurm); a requeued job resumes itself")
+        from lethe.platform.sweep.single import submit
+
+        return submit(args.config, overrides, wait=not args.no_wait)
     cfg = load_config(args.config, overrides)
     if args.nproc is not None:
         from lethe.platform.runner import check_distributable

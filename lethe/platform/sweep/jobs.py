@@ -77,7 +77,7 @@ class MemberJob(submitit.helpers.Checkpointable):
 
         cfg = load_config(spec.config_path)
         job_id = _current_job_id()
-        lead = _join_ranks()
+        lead = join_ranks()
         resume_id, finished = _run_to_resume(spec, cfg.checkpoint.dir, job_id, lead)
         if finished:  # a requeue after the run ended: nothing to do
             return {"run_id": resume_id, "status": "FINISHED", "resumed": False}
@@ -98,7 +98,7 @@ class MemberJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(self, spec)
 
 
-def _join_ranks() -> bool:
+def join_ranks() -> bool:
     """In a job of several tasks (slurm.nodes × slurm.tasks_per_node), make this task one rank
     of the run: submitit's TorchDistributedEnvironment exports RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR and MASTER_PORT from SLURM's variables, and the training engine then opens the
@@ -114,14 +114,25 @@ def _join_ranks() -> bool:
 
 def _run_to_resume(spec: MemberSpec, checkpoint_dir: str, job_id: str,
                    lead: bool = True) -> tuple[str | None, bool]:
-    """The member's newest run with a checkpoint (and whether it already FINISHED); older
-    attempts that died before their first checkpoint are deleted (by rank 0 only: every rank
-    reads the same answer), having nothing to continue."""
+    """The member's run to continue (see :func:`resumable_run`), tagged with this job's id."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(spec.tracking_uri)
+    runs = member_runs(client, spec.experiment, spec.parent_run_id, spec.index)
+    resume_id, finished = resumable_run(client, runs, checkpoint_dir, lead)
+    if resume_id and not finished and lead:
+        client.set_tag(resume_id, T.SWEEP_JOB, job_id)
+        print(f"sweep member {spec.index} ({spec.label}): resuming MLflow run {resume_id} "
+              f"from its checkpoint (job {job_id})", flush=True)
+    return resume_id, finished
+
+
+def resumable_run(client, runs: list, checkpoint_dir: str, lead: bool) -> tuple[str | None, bool]:
+    """Of a job's earlier attempts (``runs``, newest first): the newest with a checkpoint, and
+    whether it already FINISHED. Attempts that died before their first checkpoint are deleted
+    (by rank 0 only: every rank reads the same answer), having nothing to continue."""
     resume_id = None
-    for run in member_runs(client, spec.experiment, spec.parent_run_id, spec.index):
+    for run in runs:
         has_checkpoint = (Path(checkpoint_dir) / run.info.run_id / "meta.json").exists()
         if resume_id is None and has_checkpoint:
             resume_id = run.info.run_id
@@ -129,10 +140,6 @@ def _run_to_resume(spec: MemberSpec, checkpoint_dir: str, job_id: str,
                 return resume_id, True
         elif lead:
             client.delete_run(run.info.run_id)
-    if resume_id and lead:
-        client.set_tag(resume_id, T.SWEEP_JOB, job_id)
-        print(f"sweep member {spec.index} ({spec.label}): resuming MLflow run {resume_id} "
-              f"from its checkpoint (job {job_id})", flush=True)
     return resume_id, False
 
 
@@ -197,6 +204,8 @@ def has_result(job: submitit.Job) -> bool:
 def ended_outcome(job: submitit.Job) -> dict:
     """The outcome of a job that no longer runs: what the member returned, the exception line
     of its traceback, or FAILED when it was cancelled, killed or lost before writing a result."""
+    if job.num_tasks > 1:   # a job of several ranks: rank 0 reports the run
+        job = job.task(0)
     if not has_result(job):
         return {"state": "FAILED", "error": f"job {job.job_id} ended without a result "
                 f"(cancelled, killed or lost); see {job.paths.stderr}"}
@@ -228,8 +237,10 @@ def make_executor(opts: SweepOptions, jobs_dir: Path, name: str):
     params: dict[str, Any] = dict(job_name=f"lethe-{name}", time=s.time, cpus_per_task=s.cpus,
                                   array_parallelism=s.array_parallelism,
                                   signal_delay_s=s.signal_delay_s)
-    if s.nodes * s.tasks_per_node > 1:   # one rank per task (MemberJob joins them)
-        params.update(nodes=s.nodes, ntasks_per_node=s.tasks_per_node)
+    if s.nodes * s.tasks_per_node > 1:   # one rank per task (MemberJob joins them); a rank
+        # that fails ends the job's other tasks (they would wait for it in a collective)
+        params.update(nodes=s.nodes, ntasks_per_node=s.tasks_per_node,
+                      srun_args=["--kill-on-bad-exit=1"])
     optional = {"partition": s.partition, "mem": s.mem, "gpus_per_node": s.gpus_per_node or s.gpus,
                 "setup": [str(x) for x in s.setup],
                 "additional_parameters": {str(k): v for k, v in s.extra.items()}}
