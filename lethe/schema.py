@@ -58,6 +58,8 @@ def validate_component(node_name: str, raw: Any) -> DictConfig:
     except oc_errors.OmegaConfBaseException as exc:
         raise node_error(exc, node_name, keys) from None
     _check_paths(merged, node_name, entry.config)
+    if entry.extras.get("check"):   # a component's own config-time check (e.g. transforms)
+        entry.extras["check"](merged)
     result = OmegaConf.create({"name": name})
     result.merge_with(OmegaConf.to_container(merged))
     return result

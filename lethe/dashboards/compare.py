@@ -9,6 +9,9 @@ params are equal except the seed and bookkeeping keys):
   between consecutive models) with std error bars;
 - an unlearning trade-off scatter (forget quality vs retain accuracy, marker size = serve
   cost) when runs logged ``unlearn/*`` metrics;
+- for groups whose runs carry a ``paper:`` block (paper presets, docs/paper-presets.md): the
+  metric it names as measured mean ± sample std across seeds beside the paper's number
+  ("unverified" when the preset could not check it); the block never splits a group;
 - a sortable table of runs: status, the params that differ, final metrics (a header's tooltip
   says which way is better; ``unlearn/privleak`` follows MUSE's sign, ≈ 0 best, and sorts by
   its distance from 0).
@@ -46,8 +49,8 @@ from lethe.dashboards.figures import (
 )
 from lethe.errors import ConfigError
 
-# Params that do not make two runs different configurations.
-IGNORED_PREFIXES = ("tracking.", "checkpoint.")
+# Params that do not make two runs different configurations (a paper block only documents).
+IGNORED_PREFIXES = ("tracking.", "checkpoint.", "paper.", "requires")
 IGNORED_KEYS = {"seed", "device", "eval.batch_size", "train.num_workers", "eval.save_predictions"}
 PLOTTED_STATUS = ("FINISHED", "RUNNING")
 TABLE_METRICS = ("acc/avg_seen", "acc/avg_all", "forgetting/avg", "bwt", "fwt", "nfr/prev",
@@ -253,6 +256,56 @@ def table_html(runs: list[RunData], groups: dict[str, list[RunData]]) -> str:
     return "".join(out)
 
 
+def _paper_value(text: str | None) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):   # "None": the preset's number is unverified
+        return None
+
+
+def paper_rows(groups: dict[str, list[RunData]]) -> list[dict]:
+    """One row per group whose runs carry a paper block (``paper.*`` params): the metric it
+    names, its measured mean ± sample std over the group's runs, and the paper's number."""
+    rows = []
+    for label, members in groups.items():
+        params = next((r.params for r in members if "paper.metric" in r.params), None)
+        if params is None:
+            continue
+        metric = params["paper.metric"]
+        values = [r.final[metric] for r in members if metric in r.final]
+        mean, std = mean_std(values) if values else (None, None)
+        rows.append({"group": label, "metric": metric, "mean": mean, "std": std, "n": len(values),
+                     "paper": _paper_value(params.get("paper.value")),
+                     "source": params.get("paper.citation", ""), "table": params.get("paper.table", ""),
+                     "note": params.get("paper.note", "")})
+    return rows
+
+
+def paper_html(groups: dict[str, list[RunData]]) -> str:
+    """The 'measured vs paper' table, or "" when no compared run has a paper block."""
+    rows = paper_rows(groups)
+    if not rows:
+        return ""
+    head = ["group", "metric", "measured (mean ± std)", "seeds", "paper", "source", "note"]
+    out = [("<section><h2>Measured vs paper (presets with a paper block)</h2>"
+            "<table class='sortable' id='paper'><thead><tr>")]
+    out += [f"<th>{html.escape(h)}</th>" for h in head]
+    out.append("</tr></thead><tbody>")
+    for row in rows:
+        measured = ("" if row["mean"] is None
+                    else f"{_fmt(float(row['mean']))} ± {_fmt(float(row['std']))}")
+        paper = "unverified" if row["paper"] is None else _fmt(row["paper"])
+        source = f"{row['source']} ({row['table']})" if row["table"] else row["source"]
+        cells = [row["group"], row["metric"]]
+        out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells)
+                   + f"<td class='num measured'>{html.escape(measured)}</td>"
+                   + f"<td class='num'>{row['n']}</td>"
+                   + f"<td class='num paper'>{html.escape(paper)}</td>"
+                   + f"<td>{html.escape(source)}</td><td>{html.escape(row['note'])}</td></tr>")
+    out.append("</tbody></table></section>")
+    return "".join(out)
+
+
 def render_page(runs: list[RunData], title: str, subtitle: str) -> str:
     import plotly.io as pio
     from plotly.offline import get_plotlyjs
@@ -285,6 +338,7 @@ def render_page(runs: list[RunData], title: str, subtitle: str) -> str:
     for r in runs:
         counts[r.status] = counts.get(r.status, 0) + 1
     status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    sections.append(paper_html(groups))
     sections.append("<section><h2>Runs (click a column to sort)</h2>" + table_html(runs, groups)
                     + "</section>")
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
@@ -361,5 +415,5 @@ def page_summary(page: ComparePage) -> str:
 
 
 __all__ = ["write_compare", "render_page", "select_runs", "load_runs", "group_runs", "curve",
-           "accuracy_matrix", "mean_std", "ComparePage", "RunData", "page_summary",
+           "accuracy_matrix", "mean_std", "ComparePage", "RunData", "page_summary", "paper_rows",
            "fig_unlearning", "fig_llm_unlearning"]

@@ -18,6 +18,15 @@ rests on the anchor's features, so on small streams without pretrained weights
 ``anchor_pretrain: first_task`` trains the whole network briefly on the first task's data
 before freezing it (that data belongs to the task being learned next, so no other task's
 data is touched early; choice, see docs/methods.md).
+
+Official schedule (main.py / dataloader_reader.py there): Resize((224, 224)) + ImageNet
+mean/std for training and validation alike (no augmentation), batch 32, Adam 1e-3 with
+StepLR(step_size = 60 // 3 = 20 epochs, γ = 0.1) stepped per epoch, 60 epochs, and per task
+the epoch with the best validation accuracy kept; the preset ``paper/clr_cifar100`` sets all
+of that (``eval.every_epochs: 1`` + ``checkpoint.select: best``). Deviation kept by default:
+the official loss adds λ·Σ_p ‖p‖₂ (a norm, not squared) over every trained tensor (head,
+BatchNorm, CLR kernels); lethe's default is the squared CLR-kernel term above, and
+``l2_form: official`` gives the official one (the paper preset uses it).
 """
 from __future__ import annotations
 
@@ -29,12 +38,17 @@ from lethe.methods.base import Method
 from lethe.registry import register_method
 
 PRETRAIN = ("none", "first_task")
+L2_FORMS = ("squared", "official")
 
 
 @dataclass
 class CLRConfig:
     wrap_1x1: bool = False          # CLR-Full variant: reprogram 1x1 convs too (ResNet downsample)
     l2: float = 1e-5                # λ of the λ·Σ‖W_clr‖² term on the CLR kernels (paper)
+    # squared: λ·Σ‖W_clr‖² over the CLR kernels (as written above) | official: the official
+    # train(): λ·Σ_p ‖p‖₂ (a norm, not squared) over every trained tensor: CLR kernels,
+    # BatchNorm and head (zero-norm tensors skipped, as there)
+    l2_form: str = "squared"
     anchor_pretrain: str = "none"   # none (anchor as built/loaded) | first_task (train it
                                     # on the first task's data, then freeze; small settings)
     anchor_pretrain_epochs: int = 10  # epochs of that pre-training
@@ -110,6 +124,9 @@ class CLR(Method):
         if self.cfg.anchor_pretrain not in PRETRAIN:
             raise ConfigError(f"method.anchor_pretrain: '{self.cfg.anchor_pretrain}' must be one of "
                               f"{', '.join(PRETRAIN)}")
+        if self.cfg.l2_form not in L2_FORMS:
+            raise ConfigError(f"method.l2_form: '{self.cfg.l2_form}' must be one of "
+                              f"{', '.join(L2_FORMS)}")
         self.base_params = sum(p.numel() for p in model.parameters())
         convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)
                  and (tuple(m.kernel_size) != (1, 1) or self.cfg.wrap_1x1)]
@@ -247,10 +264,16 @@ class CLR(Method):
 
     def before_backward(self, strategy, **kwargs):
         if self.cfg.l2:
-            CLRConv, _ = _layers()
-            penalty = sum(m.clr.weight.pow(2).sum() for m in self.model.modules()
-                          if isinstance(m, CLRConv))
-            strategy.loss = strategy.loss + self.cfg.l2 * penalty
+            strategy.loss = strategy.loss + self.cfg.l2 * self.penalty()
+
+    def penalty(self):
+        """The regulariser λ multiplies (``l2_form``, see CLRConfig)."""
+        if self.cfg.l2_form == "official":
+            # the official code skips tensors whose norm is 0; torch's norm already adds 0
+            # with a zero gradient there, so no skip (and no host sync) is needed
+            return sum(p.norm() for p in self.model.parameters() if p.requires_grad)
+        CLRConv, _ = _layers()
+        return sum(m.clr.weight.pow(2).sum() for m in self.model.modules() if isinstance(m, CLRConv))
 
     # --- inference: each sample through its own task's state --------------------------------
     def predict(self, x, task_ids):

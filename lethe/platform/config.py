@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
 from lethe import registry
@@ -81,6 +81,27 @@ class DistributedConfig:
 
 
 @dataclass
+class PaperConfig:
+    """The number a paper reports for this config (docs/paper-presets.md); `lethe compare` shows
+    it beside the measured mean ± std. Documentation only: it changes nothing in the run."""
+    citation: str = MISSING       # authors, venue, year
+    table: str = MISSING          # where the number is printed, e.g. "Table 1, forget10"
+    metric: str = MISSING         # the lethe metric key it corresponds to (`lethe list metrics`)
+    value: float | None = MISSING  # on lethe's scale for that key (accuracies in [0, 1], not
+                                  # %); null only with a note starting "unverified"
+    note: str = ""                # how the paper's setting differs; "unverified: ..." when the
+                                  # number could not be checked against the paper
+
+
+@dataclass
+class RequiredPath:
+    """A local folder or file a preset needs (`requires:`), checked when the config loads."""
+    key: str = MISSING            # the config key holding the path, e.g. scenario.path
+    what: str = MISSING           # what to put there, e.g. "the TOFU json files"
+    source: str = ""              # where to download it from
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
@@ -94,6 +115,8 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    paper: PaperConfig | None = None   # the paper's reported number (paper presets)
+    requires: list[RequiredPath] = field(default_factory=list)  # local data / model folders
 
 
 CHOICES = {
@@ -108,15 +131,18 @@ def resolve_path(config: str) -> Path:
     if path.is_file():
         return path
     preset = PRESET_DIR / (config if config.endswith((".yaml", ".yml")) else f"{config}.yaml")
-    if preset.is_file():
+    if preset.is_file() and preset.resolve().is_relative_to(PRESET_DIR):  # paper/x, not ../x
         return preset
     names = presets()
-    raise ConfigError(f"config file not found: '{config}'{registry.suggest(path.stem, names)} "
+    name = path.stem if path.is_absolute() else config.removesuffix(".yaml").removesuffix(".yml")
+    raise ConfigError(f"config file not found: '{config}'{registry.suggest(name, names)} "
                       f"(give a YAML path or a preset: {', '.join(names)})")
 
 
 def presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    """Shipped presets by name: conf/x.yaml is `x`, conf/paper/x.yaml is `paper/x`."""
+    return sorted(p.relative_to(PRESET_DIR).with_suffix("").as_posix()
+                  for p in PRESET_DIR.rglob("*.yaml"))
 
 
 def _node_limit(path: Path) -> int:
@@ -227,6 +253,7 @@ def load_config(config: str, overrides: list[str] | None = None) -> DictConfig:
 def validate(raw: DictConfig | dict) -> DictConfig:
     raw = OmegaConf.create(OmegaConf.to_container(raw) if isinstance(raw, DictConfig) else raw)
     _check_resolvable(raw)
+    _check_requires(raw)   # before the components: a missing download is the first thing to say
     components = {}
     for node_name in COMPONENTS:
         node = raw.get(node_name)   # validated on its own: its ${...} references resolved first
@@ -240,7 +267,8 @@ def validate(raw: DictConfig | dict) -> DictConfig:
         sub = getattr(exc, "full_key", "") or ""
         section = sub.split(".")[0]
         schema = {"train": TrainConfig, "eval": EvalConfig, "tracking": TrackingConfig,
-                  "checkpoint": CheckpointConfig, "distributed": DistributedConfig}.get(section)
+                  "checkpoint": CheckpointConfig, "distributed": DistributedConfig,
+                  "paper": PaperConfig, "requires": RequiredPath}.get(section)
         if sub.startswith("train.lr_schedule."):
             schema = LRScheduleConfig
         keys = [f.name for f in dataclasses.fields(schema)] if schema and "." in sub else top_keys
@@ -249,8 +277,58 @@ def validate(raw: DictConfig | dict) -> DictConfig:
         cfg[node_name] = node
     _check_resolvable(cfg)   # again, typed: `seed=${name}` resolves to a string
     _check_choices(cfg)
+    _check_paper(cfg.paper)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _check_requires(raw: DictConfig) -> None:
+    """Each `requires:` entry names a config key whose path must exist (an empty value is the
+    user's deliberate choice, e.g. scenario.path="" for a generated set, and is not checked)."""
+    import os
+
+    items = raw.get("requires") or []
+    fields = [f.name for f in dataclasses.fields(RequiredPath)]
+    if not isinstance(items, (list, ListConfig)):
+        raise ConfigError("bad value for 'requires': a list of {key: ..., what: ..., source: ...}")
+    reqs = []
+    for i, item in enumerate(items):
+        try:
+            req = OmegaConf.merge(OmegaConf.structured(RequiredPath), item)
+            OmegaConf.to_container(req, throw_on_missing=True)
+        except (oc_errors.OmegaConfBaseException, ValueError) as exc:
+            raise node_error(exc, f"requires[{i}]", fields) from None
+        reqs.append(req)
+    for req in reqs:
+        value = OmegaConf.select(raw, req.key, default=None)
+        if value is None:
+            raise ConfigError(f"requires: '{req.key}' is not set in this config; name a key the "
+                              f"YAML sets to a path (e.g. scenario.path, model.path)")
+        if value == "":
+            continue
+        if not Path(os.path.expanduser(str(value))).exists():
+            where = f" (download: {req.source})" if req.source else ""
+            raise ConfigError(f"{req.key}: not found: '{value}'. This config needs {req.what}"
+                              f"{where}; put it on local disk and set {req.key}=<that path>")
+
+
+def _check_paper(paper) -> None:
+    """Every field but `note` is required, and `metric` must be a key lethe logs."""
+    if paper is None:
+        return
+    from lethe.metrics.reference import lookup
+
+    for name in ("citation", "table", "metric", "value"):
+        if OmegaConf.is_missing(paper, name):
+            raise ConfigError(f"missing value for 'paper.{name}': a paper block needs citation, "
+                              f"table, metric and value (set paper.{name}: ... in the YAML)")
+    if paper.value is None and not paper.note.lower().startswith("unverified"):
+        raise ConfigError("paper.value is null: give the paper's number, or say why there is none "
+                          "with paper.note: \"unverified: ...\"")
+    if lookup(paper.metric) is None:
+        raise ConfigError(f"bad value for 'paper.metric': '{paper.metric}' is not a metric lethe "
+                          f"logs (see `lethe list metrics`, e.g. acc/avg_incremental or "
+                          f"unlearn/forget_quality)")
 
 
 def _check_resolvable(raw: DictConfig) -> None:
@@ -330,5 +408,9 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
         else:
             out[prefix] = str(node)
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    values = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("paper", "requires"):   # optional blocks: no params for configs without them
+        if not values.get(key):
+            values.pop(key, None)
+    walk(values, "")
     return out

@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 from lethe.errors import ConfigError
 from lethe.registry import register_scenario
+from lethe.scenarios.transforms import check_config
 
 
 @dataclass
@@ -15,6 +16,18 @@ class AvalancheConfig:
     kwargs: Any = field(default_factory=dict)  # passed to the benchmark, e.g. {n_experiences: 5}
     task_incremental: bool = False  # set when the benchmark returns task ids (return_task_id)
     forget_requests: list = field(default_factory=list)  # deletion requests (scenarios/forget.py)
+    # train/eval pipelines passed as the benchmark's train_transform / eval_transform: a
+    # recipe (pilot | imagenet | cifar | cifar10) or torchvision transforms by name
+    # (lethe/scenarios/transforms.py); None (or an unset part) = the benchmark's own
+    transforms: Any = None
+    # pilot | pilot:SEED | [ids]: passed as fixed_class_order (kwargs.seed then has no effect)
+    class_order: Any = None
+
+
+# classes of the benchmarks a class_order can name without building the benchmark first
+N_CLASSES = {"SplitMNIST": 10, "SplitFMNIST": 10, "SplitCIFAR10": 10, "SplitCIFAR100": 100,
+             "SplitCIFAR110": 110, "SplitTinyImageNet": 200, "SplitCUB200": 200,
+             "SplitImageNet": 1000}
 
 
 def _classic_names() -> list[str]:
@@ -36,6 +49,7 @@ def _call_benchmark(cfg):
     kwargs = dict(cfg.kwargs or {})
     if cfg.dataset_root:
         kwargs["dataset_root"] = cfg.dataset_root
+    kwargs.update(_data_kwargs(cfg))
     try:
         return getattr(classic, cfg.benchmark)(**kwargs)
     except TypeError as exc:
@@ -46,6 +60,34 @@ def _call_benchmark(cfg):
             f"scenario.benchmark: the data of {cfg.benchmark} is not in {where} and could not "
             f"be downloaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); put the "
             f"dataset files there or set scenario.dataset_root to the folder that holds them") from None
+
+
+def _check(cfg) -> None:
+    """Config-time check: transforms and class_order, and that the class count is known."""
+    from lethe.scenarios.transforms import class_order
+
+    check_config(cfg)
+    if cfg.class_order is None:
+        return
+    if cfg.benchmark not in N_CLASSES:
+        raise ConfigError(f"scenario.class_order: the number of classes of {cfg.benchmark} is "
+                          f"not known here; give kwargs.fixed_class_order instead")
+    class_order(cfg.class_order, N_CLASSES[cfg.benchmark])
+
+
+def _data_kwargs(cfg) -> dict:
+    """train_transform / eval_transform / fixed_class_order from transforms and class_order."""
+    from lethe.scenarios.transforms import build, class_order
+
+    out = {}
+    train, eval_ = build(cfg.transforms)
+    if train is not None:
+        out["train_transform"] = train
+    if eval_ is not None:
+        out["eval_transform"] = eval_
+    if cfg.class_order is not None:   # the class count is checked at config time (_check)
+        out["fixed_class_order"] = class_order(cfg.class_order, N_CLASSES[cfg.benchmark])
+    return out
 
 
 def _tensors(dataset, batch_size: int = 512):
@@ -61,7 +103,8 @@ def _tensors(dataset, batch_size: int = 512):
 
 
 @register_scenario("avalanche", config=AvalancheConfig,
-                   settings=("class_incremental", "task_incremental", "domain_incremental"))
+                   settings=("class_incremental", "task_incremental", "domain_incremental"),
+                   check=_check)
 def avalanche_benchmark(cfg, seed: int):
     """Any Avalanche classic benchmark by name, with kwargs and a dataset_root."""
     import torch
