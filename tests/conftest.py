@@ -26,6 +26,33 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# --- data on disk ------------------------------------------------------------------------
+def write_local_mnist(root: Path, n_train: int, n_test: int) -> Path:
+    """A small random MNIST in torchvision's on-disk format (idx files and their .gz), so an
+    Avalanche benchmark loads it without a download; labels cycle 0..9. Returns ``root``."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    def write_idx(path, arr):
+        magic = {1: 0x0801, 3: 0x0803}[arr.ndim]
+        with open(path, "wb") as fh:
+            fh.write(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in arr.shape))
+            fh.write(arr.astype(np.uint8).tobytes())
+
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 255, (n, 28, 28)))
+        write_idx(raw / f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
+        for name in (f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"):
+            with open(raw / name, "rb") as src, gzip.open(raw / f"{name}.gz", "wb") as dst:
+                dst.write(src.read())
+    return root
+
+
 # --- tracking stores ---------------------------------------------------------------------
 @pytest.fixture
 def store(tmp_path) -> dict:

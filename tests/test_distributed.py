@@ -11,6 +11,7 @@ identical predictions.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -104,7 +105,8 @@ def test_rank_seeds_differ_by_rank_and_follow_the_run_seed():
 def test_distributed_section_is_validated():
     with pytest.raises(ConfigError, match=r"bad value for 'distributed.backend': 'mpi'.*auto, nccl, gloo"):
         load_config("split_digits", ["distributed.backend=mpi"])
-    with pytest.raises(ConfigError, match="distributed.strategy=fsdp is not available yet"):
+    with pytest.raises(ConfigError, match="distributed.strategy=fsdp shards Hugging Face causal LMs "
+                                          r"\(model.name=hf_causal_lm\), not model.name=mlp"):
         distributed.check_launch(load_config("split_digits", ["distributed.strategy=fsdp"]), 2)
 
 
@@ -279,18 +281,21 @@ def test_a_method_that_cannot_train_distributed_is_refused_at_config_time(tmp_pa
 
 
 @pytest.mark.integration
-def test_a_language_model_unlearning_run_with_two_processes_matches_one(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_language_model_unlearning_run_with_two_processes_matches_one(tmp_path, strategy):
     """Gradient ascent on the synthetic TOFU stream, tiny Llama: the learn phase trains
-    data-parallel through the template (DDP), the unlearning phase runs whole on every rank
-    (its own loop: identical inputs and seeds on every rank, no gradient exchange). The
-    2-process run differs from one process by float reassociation in the learn phase only,
-    carried through a few dozen AdamW steps: probabilities agree to 1e-3 relative (measured
-    differences are ~1e-6; a mis-sharded batch or a double-counted gradient moves them by
-    far more than 1e-3)."""
+    data-parallel through the template, the unlearning phase runs whole on every rank (its own
+    loop: identical inputs and seeds on every rank; under FSDP its gradients are reduce-
+    scattered, the mean of identical gradients). ddp: every rank holds the model; fsdp: each
+    holds half of every weight (said in run.log), evaluation unsharded. The 2-process run
+    differs from one process by float reassociation, carried through a few dozen AdamW steps:
+    probabilities agree to 1e-3 relative (measured differences are ~1e-6; a mis-sharded batch
+    or a double-counted gradient moves them by far more than 1e-3)."""
     from tofu_helpers import small
 
     extra = [*small(tmp_path), "model.layers=1", "model.d_model=32", "model.heads=2",
-             "scenario.el_n=30", "train.epochs=3", "method.epochs=3", "method.stop_at_target=false"]
+             "scenario.el_n=30", "train.epochs=3", "method.epochs=3", "method.stop_at_target=false",
+             f"distributed.strategy={strategy}", "checkpoint.enabled=false"]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     finals = {}
     for name, nproc in (("two", ["--nproc", "2"]), ("one", [])):
@@ -301,7 +306,26 @@ def test_a_language_model_unlearning_run_with_two_processes_matches_one(tmp_path
         client, run = only_run(uri, name)
         finals[name] = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)}
                         for k in ("unlearn/forget_prob", "unlearn/model_utility", "unlearn/forget_ma")}
+        log = _artifact_text(client, run.info.run_id, "run.log", tmp_path / name)
+        sharded = re.search(r"FSDP: (\d+) layers sharded over 2 ranks; this rank holds ([\d.]+)%", log)
+        if strategy == "fsdp" and nproc:
+            assert sharded and int(sharded.group(1)) == 1, log[-2000:]   # model.layers=1
+            assert 49.0 <= float(sharded.group(2)) <= 51.0               # half of every weight
+        else:
+            assert sharded is None
     for key, by_step in finals["one"].items():
         assert set(finals["two"][key]) == set(by_step) == {0, 1}, key
         for step, value in by_step.items():
             assert finals["two"][key][step] == pytest.approx(value, rel=1e-3), (key, step)
+
+
+def test_fsdp_refuses_what_it_does_not_support_yet(tmp_path):
+    from tofu_helpers import small
+
+    base = [*small(tmp_path), "distributed.strategy=fsdp", "--nproc", "2"]
+    for extra, message in (([], "does not write checkpoints yet"),
+                           (["checkpoint.enabled=false", "method.name=loku"],
+                            "method 'loku' does not train under distributed.strategy=fsdp yet")):
+        proc = run_cli(["run", "ga_tofu_synthetic", *base, *extra], cwd=tmp_path, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and not (tmp_path / "mlflow.db").exists()

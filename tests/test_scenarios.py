@@ -1,12 +1,10 @@
 """Scenario builders: real Avalanche streams with stable sample ids."""
 from __future__ import annotations
 
-import gzip
-import struct
-
 import numpy as np
 import pytest
 import torch
+from conftest import write_local_mnist
 from omegaconf import OmegaConf
 
 from lethe import registry
@@ -77,28 +75,10 @@ def test_image_folder_without_class_folders_is_a_config_error(tmp_path):
         build({"name": "image_folder", "root": str(tmp_path / "empty")})
 
 
-def _write_idx(path, arr: np.ndarray):
-    magic = {1: 0x0801, 3: 0x0803}[arr.ndim]
-    with open(path, "wb") as fh:
-        fh.write(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in arr.shape))
-        fh.write(arr.astype(np.uint8).tobytes())
-
-
 @pytest.fixture
 def local_mnist(tmp_path):
     """A small MNIST in torchvision's on-disk format (idx files), so no download happens."""
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 200), ("t10k", 50)):
-        labels = np.arange(n) % 10
-        images = rng.integers(0, 255, (n, 28, 28))
-        _write_idx(raw / f"{split}-images-idx3-ubyte", images)
-        _write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
-        for name in (f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"):
-            with open(raw / name, "rb") as src, gzip.open(raw / f"{name}.gz", "wb") as dst:
-                dst.write(src.read())
-    return tmp_path
+    return write_local_mnist(tmp_path, 200, 50)
 
 
 @pytest.mark.integration

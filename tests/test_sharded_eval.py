@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lethe.metrics.evaluator import Evaluator, gather_rows, rank_rows
+from lethe.metrics.evaluator import Evaluator
+from lethe.metrics.passes import gather_rows, rank_rows
 from lethe.scenarios import types
 
 N, D, C = 23, 5, 4   # 23 rows over 2 ranks: shares of 11 and 12 (an uneven split)

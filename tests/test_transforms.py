@@ -1,12 +1,10 @@
 """scenario.transforms (train/eval pipelines), scenario.class_order and lazy image folders."""
 from __future__ import annotations
 
-import gzip
-import struct
-
 import numpy as np
 import pytest
 import torch
+from conftest import write_local_mnist
 from omegaconf import OmegaConf
 from torchvision import transforms as T
 
@@ -201,26 +199,10 @@ def test_image_folder_grayscale_default_keeps_the_eager_pixels(tmp_path):
 
 
 # --- Avalanche classic benchmarks --------------------------------------------------------
-def _write_idx(path, arr: np.ndarray):
-    magic = {1: 0x0801, 3: 0x0803}[arr.ndim]
-    with open(path, "wb") as fh:
-        fh.write(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in arr.shape))
-        fh.write(arr.astype(np.uint8).tobytes())
-
-
 @pytest.fixture
 def local_mnist(tmp_path):
     """A small MNIST in torchvision's on-disk format (idx files), so no download happens."""
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 100), ("t10k", 30)):
-        _write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 255, (n, 28, 28)))
-        _write_idx(raw / f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
-        for name in (f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"):
-            with open(raw / name, "rb") as src, gzip.open(raw / f"{name}.gz", "wb") as dst:
-                dst.write(src.read())
-    return tmp_path
+    return write_local_mnist(tmp_path, 100, 30)
 
 
 @pytest.mark.integration

@@ -29,7 +29,9 @@ One run whatever the process count: rank 0 alone opens the tracker and writes ch
 artifacts (the others get :class:`NullTracker`); the evaluators shard the test rows over the
 ranks and gather the predictions (lethe.metrics.evaluator.gather_rows). The same ranks come
 from torchrun (``--nproc``) or from a SLURM job's tasks (lethe.platform.sweep.jobs.join_ranks).
-Not yet: FSDP (see docs/distributed.md).
+``distributed.strategy=fsdp`` shards a Hugging Face causal LM's weights in place instead
+(:func:`fully_shard_model`, torch's FSDP2): no wrapper, every rank evaluates all rows; no
+checkpoints yet (see docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -75,8 +77,8 @@ def check_launch(cfg, nproc: int) -> None:
     """What ``--nproc N`` needs of a config, checked before any process starts."""
     if nproc < 1:
         raise ConfigError(f"bad value for --nproc: {nproc} (must be ≥ 1)")
-    if cfg.distributed.strategy == "fsdp":
-        raise ConfigError("distributed.strategy=fsdp is not available yet; use distributed.strategy=ddp")
+    if cfg.distributed.strategy == "fsdp" and nproc > 1:
+        _check_fsdp(cfg)
     if cfg.train.batch_size % nproc:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split over --nproc {nproc}: "
                           f"the global batch is divided evenly between the processes; pick a batch "
@@ -84,6 +86,22 @@ def check_launch(cfg, nproc: int) -> None:
     if str(cfg.device).startswith("cuda:"):
         raise ConfigError(f"device={cfg.device} with --nproc: each process takes its own GPU "
                           f"(LOCAL_RANK); use device=cuda or auto")
+
+
+def _check_fsdp(cfg) -> None:
+    """What this release's FSDP supports, said before any process starts."""
+    if cfg.model.name != "hf_causal_lm":
+        raise ConfigError(f"distributed.strategy=fsdp shards Hugging Face causal LMs "
+                          f"(model.name=hf_causal_lm), not model.name={cfg.model.name}; use "
+                          f"distributed.strategy=ddp")
+    if cfg.checkpoint.enabled:
+        raise ConfigError("distributed.strategy=fsdp does not write checkpoints yet (each rank "
+                          "holds only its shard of the weights): set checkpoint.enabled=false, or "
+                          "use distributed.strategy=ddp")
+    if cfg.eval.every_epochs or cfg.eval.every_steps:
+        raise ConfigError("distributed.strategy=fsdp does not validate during training yet (the "
+                          "best-model copy would hold one shard): set eval.every_epochs=0 and "
+                          "eval.every_steps=0, or use distributed.strategy=ddp")
 
 
 def configure(dist, seed: int) -> None:
@@ -154,9 +172,10 @@ def launcher_tags() -> dict | None:
 class DataParallel:
     """One engine's DDP: the wrapper, the batch shard, the routed forward."""
 
-    def __init__(self, fabric, seed: int):
+    def __init__(self, fabric, seed: int, fsdp: bool = False):
         _avalanche_as_one_process()
         self.fabric = fabric
+        self.fsdp = fsdp          # the model is sharded in place (fully_shard): no wrapper
         self.rank, self.world = rank(), world_size()
         self.seed = seed
         self.weight = 1.0         # this rank's loss scale for the current mini-batch
@@ -199,6 +218,10 @@ class DataParallel:
         sync only on the last mini-batch of an accumulation window; dropout per rank."""
         import torch
 
+        if self.fsdp:
+            with self._fsdp_forward(model, sync, step):
+                yield
+            return
         ddp = self.wrapper(model)
         self._routed = False
 
@@ -227,6 +250,63 @@ class DataParallel:
             raise RunError(f"this method's training forward does not call its model "
                            f"({type(model).__name__}) but parts of it, so DDP cannot average the "
                            f"gradients between processes; run it without --nproc")
+
+
+    @contextlib.contextmanager
+    def _fsdp_forward(self, model, sync: bool, step: int):
+        """FSDP's hooks sit on the sharded modules themselves: nothing to route; gradients are
+        reduce-scattered only at the end of an accumulation window; dropout per rank."""
+        import torch
+
+        device = next(model.parameters()).device
+        model.set_requires_gradient_sync(sync)
+        try:
+            with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [],
+                                       device_type=device.type if device.type == "cuda" else "cuda"):
+                torch.manual_seed(rank_seed(self.seed, self.rank, step))
+                yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+
+def fully_shard_model(model) -> None:
+    """FSDP2 (torch's ``fully_shard``) on every decoder layer of a Hugging Face model (the
+    classes its ``_no_split_modules`` names) and then on the whole model, in place: each rank
+    keeps 1/N of every weight, its gradient and optimizer state; a layer's weights are
+    all-gathered for its forward and backward only. The optimizer must be built afterwards
+    (it is: methods build theirs after ``Engine.prepare_model``)."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = set()
+    for module in model.modules():
+        layers.update(getattr(module, "_no_split_modules", None) or ())
+    units = [m for m in model.modules() if type(m).__name__ in layers]
+    for module in units:
+        fully_shard(module)
+    # then every Hugging Face model in it, innermost first: code that calls the HF model
+    # rather than lethe's wrapper (the QA evaluator's ``lm.generate``) gathers its own weights
+    for module in reversed([m for m in model.modules() if getattr(m, "_no_split_modules", None)]):
+        if module is not model:
+            fully_shard(module, reshard_after_forward=True)
+    # the root too reshards after every forward (torch keeps it gathered by default, for the
+    # backward that follows): lethe evaluates between training stages without a backward, and
+    # a root left gathered would hand its full tensors, not the shards, to the next optimizer
+    fully_shard(model, reshard_after_forward=True)
+    params = list(model.parameters())
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
+    total = sum(p.numel() for p in params)
+    if _settings is not None:   # said in run.log once the run has one (Runner)
+        _settings["sharded"] = (f"FSDP: {len(units)} layers sharded over {world_size()} ranks; "
+                                f"this rank holds {100.0 * local / max(1, total):.1f}% of the "
+                                f"{total} weights")
+
+
+def describe() -> str:
+    """One line on this process's part in the run, for its log."""
+    if active() is None:
+        return "one process"
+    return (f"rank {rank()} of {world_size()}, {_settings['strategy']}"
+            + (f"; {_settings['sharded']}" if "sharded" in _settings else ""))
 
 
 def _avalanche_as_one_process() -> None:

@@ -122,7 +122,8 @@ class Engine:
 
     def _data_parallel(self):
         dist = distributed.active()
-        return None if dist is None else distributed.DataParallel(self.fabric, dist["seed"])
+        return None if dist is None else distributed.DataParallel(self.fabric, dist["seed"],
+                                                                   fsdp=dist["strategy"] == "fsdp")
 
     # --- the model ----------------------------------------------------------------------
     def prepare_model(self, model):
@@ -132,6 +133,8 @@ class Engine:
         model.to(torch.bfloat16 if self.precision == "bf16" else torch.float32)
         if self.checkpointing:
             enable_gradient_checkpointing(model)
+        if self.dist is not None and self.dist.fsdp:
+            distributed.fully_shard_model(model)
         return model
 
     def convert_input(self, x):

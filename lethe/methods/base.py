@@ -36,6 +36,10 @@ class Method:
     # why the method cannot train in several processes ("" = it can): said at config time
     # for --nproc N and multi-task SLURM jobs (lethe.platform.runner.check_distributable)
     not_distributable = ""
+    # whether the method trains under distributed.strategy=fsdp (sharded weights): only those
+    # whose model stays the one built at the start (no adapters added later) and that were
+    # tested sharded
+    fsdp = False
 
     def __init__(self, cfg, model, ctx: MethodContext):
         from lethe.engine.engine import Engine

@@ -24,6 +24,7 @@ class GradAscent(LLMUnlearner):
     """Gradient ascent on the forget set (the TOFU GA baseline)."""
 
     name = "grad_ascent"
+    fsdp = True
 
     def unlearn_loss(self, fx, fy, rx, ry):
         return -lm_nll(self.model(fx), fy)

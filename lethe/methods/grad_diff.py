@@ -23,6 +23,7 @@ class GradDiff(LLMUnlearner):
     """Ascent on the forget set plus descent on the retain set (TOFU Grad. Diff.)."""
 
     name = "grad_diff"
+    fsdp = True
 
     def unlearn_loss(self, fx, fy, rx, ry):
         return -lm_nll(self.model(fx), fy) + self.cfg.retain_weight * lm_nll(self.model(rx), ry)

@@ -17,3 +17,4 @@ class Naive(Method):
     """Fine-tune on each experience with no protection against forgetting."""
 
     name = "naive"
+    fsdp = True

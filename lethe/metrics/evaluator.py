@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 from lethe.errors import RunError
+from lethe.metrics.passes import gather_rows, inference, rank_rows
 from lethe.metrics.protocol import Served, StreamEvaluator
 
 PredictFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, task_ids) -> logits
@@ -150,41 +151,6 @@ class PredictionStore:
         self._stacked = None
 
 
-def _group_size(n: int) -> int:
-    """Processes sharing an evaluation of ``n`` rows: those of the data-parallel run this one
-    belongs to, or 1 (outside one, or fewer rows than processes)."""
-    dist = torch.distributed
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return world if n >= world else 1
-
-
-def rank_rows(n: int) -> tuple[int, int]:
-    """This process's contiguous share ``[lo, hi)`` of ``n`` evaluation rows: all of them in a
-    single process; rank r of W gets rows ``n·r//W .. n·(r+1)//W`` in a data-parallel run."""
-    world = _group_size(n)
-    if world == 1:
-        return 0, n
-    r = torch.distributed.get_rank()
-    return n * r // world, n * (r + 1) // world
-
-
-def gather_rows(part: torch.Tensor, n: int, dim: int = 0) -> torch.Tensor:
-    """The whole ``n`` rows along ``dim`` from every rank's :func:`rank_rows` share (in rank
-    order, so the result equals a single process's pass); ``part`` itself in a single process.
-    Shares differ by at most one row: each is padded to the largest for all_gather."""
-    world = _group_size(n)
-    if world == 1:
-        return part
-    sizes = [n * (r + 1) // world - n * r // world for r in range(world)]
-    shape = list(part.shape)
-    shape[dim] = max(sizes)
-    padded = part.new_zeros(shape)
-    padded.narrow(dim, 0, part.shape[dim]).copy_(part)
-    shares = [torch.empty_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(shares, padded)
-    return torch.cat([t.narrow(dim, 0, k) for t, k in zip(shares, sizes)], dim)
-
-
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Copy a CPU tensor to ``device``; through pinned memory and asynchronously for CUDA."""
     if device.type == "cuda" and t.device.type == "cpu":
@@ -230,7 +196,7 @@ class BatchedPass:
         leaves = [m for m in model.modules() if next(m.children(), None) is None]
         handles = [m.register_forward_hook(hook) for m in leaves]
         try:
-            with torch.inference_mode(), self._autocast():
+            with inference(), self._autocast():
                 fn(self.x[:k], self.task[:k])
         finally:
             for h in handles:
@@ -310,7 +276,7 @@ class Evaluator(BatchedPass, StreamEvaluator):
 
         def attempt(bs: int) -> torch.Tensor:
             out = None
-            with torch.inference_mode(), self._autocast():
+            with inference(), self._autocast():
                 for s in range(lo, hi, bs):
                     e = min(s + bs, hi)
                     p = _logits(fn(self.x[s:e], self.task[s:e])).argmax(-1)

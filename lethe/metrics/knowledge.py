@@ -39,6 +39,7 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
+from lethe.metrics.passes import inference
 from lethe.scenarios.facts import extract_entities
 
 ENTAILMENT, NEUTRAL, CONTRADICTION = "entailment", "neutral", "contradiction"
@@ -87,7 +88,7 @@ def text_perplexities(path: str, queries: list[str], responses: list[str]) -> li
 
     tokenizer, model = _load_pretrained(os.path.expanduser(path), "AutoModelForCausalLM")
     out = []
-    with torch.inference_mode():
+    with inference():
         for q, r in zip(queries, responses):
             n_query = len(tokenizer(q)["input_ids"])
             ids = torch.tensor([tokenizer(q + " " + r)["input_ids"]])
@@ -147,7 +148,7 @@ class MiniLMEmbedder:
         if not texts:
             return torch.zeros(0, model.config.hidden_size)
         chunks = []
-        with torch.inference_mode():
+        with inference():
             for i in range(0, len(texts), self.batch_size):
                 batch = tokenizer(list(texts[i:i + self.batch_size]), padding=True,
                                   truncation=True, max_length=self.max_length, return_tensors="pt")
@@ -289,7 +290,7 @@ class HFNLIJudge:
         tokenizer, model = _load_nli(self.path)
         batch = tokenizer(premise, hypothesis, truncation=True, max_length=self.max_length,
                           return_tensors="pt")
-        with torch.inference_mode():
+        with inference():
             logits = model(**batch).logits[0]
         return self.labels[int(logits.argmax())]
 

@@ -34,8 +34,8 @@ import math
 import torch
 
 from lethe.errors import RunError
-from lethe.metrics.evaluator import (BatchedPass, PredictionStore, _logits, _to_device, gather_rows,
-                                    rank_rows)
+from lethe.metrics.evaluator import BatchedPass, PredictionStore, _logits, _to_device
+from lethe.metrics.passes import gather_rows, inference, rank_rows
 from lethe.metrics.protocol import StreamEvaluator
 
 
@@ -97,7 +97,7 @@ class LMEvaluator(BatchedPass, StreamEvaluator):
         def attempt(bs: int) -> tuple[torch.Tensor, torch.Tensor]:
             preds = torch.empty((hi - lo, self.block_len), dtype=torch.long, device=self.device)
             loss = torch.empty(hi - lo, dtype=torch.float64, device=self.device)
-            with torch.inference_mode(), self._autocast():
+            with inference(), self._autocast():
                 for s in range(lo, hi, bs):
                     e = min(s + bs, hi)
                     logits = _logits(fn(self.x[s:e], self.task[s:e]))

@@ -37,6 +37,7 @@ import torch
 
 from lethe.errors import ConfigError
 from lethe.metrics.evaluator import PredictionStore
+from lethe.metrics.passes import inference
 from lethe.metrics.protocol import StreamEvaluator
 
 # splits the evaluated model should not know: their truth ratio is reported as closeness to 1
@@ -54,7 +55,7 @@ def token_stats(fn, x: torch.Tensor, y: torch.Tensor, device, bs: int = 64, mome
     from lethe.metrics.mia import logprob_moments
 
     cols: list[list[torch.Tensor]] = [[], [], [], []]
-    with torch.inference_mode():
+    with inference():
         for s in range(0, len(x), bs):
             xb, yb = x[s:s + bs].to(device), y[s:s + bs].to(device)
             logits = fn(xb, torch.zeros(len(xb), dtype=torch.long, device=device)).float()
@@ -79,7 +80,7 @@ def hf_greedy(lm, prompts: list[list[int]], max_new: int, eos: int, device, bs: 
     (KV cache; no padding needed), cut at the first eos (excluded) — what
     :func:`lethe.metrics.tofu.greedy_generate` computes by full recompute."""
     out = []
-    with torch.inference_mode():
+    with inference():
         for s in range(0, len(prompts), bs):
             ids = torch.tensor(prompts[s:s + bs], dtype=torch.long, device=device)
             gen = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,

@@ -38,6 +38,7 @@ from collections import defaultdict
 
 import torch
 
+from lethe.metrics.passes import inference_pass
 from lethe.metrics.unlearning import mia_auc
 
 IGNORE = -100
@@ -185,7 +186,7 @@ def memorisation_accuracy(logits_or_preds: torch.Tensor, targets: torch.Tensor,
     return hits / mask.sum(1).to(torch.float64)
 
 
-@torch.inference_mode()
+@inference_pass
 def greedy_generate(model_fn, prompts: list[list[int]], max_new: int, eos: int | None = None,
                     device=None, batch_size: int | None = None) -> list[list[int]]:
     """Greedy continuations (at most ``max_new`` tokens each) of ``prompts``, in input order.

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from lethe.metrics.passes import inference
+
 # Retain and test sets are subsampled (seeded) above this size: the metrics need losses,
 # not just argmax, so they cannot reuse the evaluator's prediction store.
 MAX_SAMPLES = 5000
@@ -86,7 +88,7 @@ def mia_efficacy(retain_conf, test_conf, forget_conf, seed: int = 0,
 def logits_of(predict, x, task, device, batch_size: int = 512) -> torch.Tensor:
     """Logits of ``predict(x, task)`` in batches, on CPU (float32)."""
     outs = []
-    with torch.inference_mode():
+    with inference():
         for s in range(0, len(x), batch_size):
             out = predict(x[s:s + batch_size].to(device), task[s:s + batch_size].to(device))
             out = getattr(out, "logits", out)

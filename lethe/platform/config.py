@@ -76,7 +76,7 @@ class CheckpointConfig:
 @dataclass
 class DistributedConfig:
     """``lethe run CONFIG --nproc N`` (docs/distributed.md); no effect in a single process."""
-    strategy: str = "ddp"         # ddp (fsdp: not available yet)
+    strategy: str = "ddp"         # ddp | fsdp (hf_causal_lm: torch's fully_shard per decoder layer)
     backend: str = "auto"         # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
 
 

@@ -72,10 +72,16 @@ def check_distributable(cfg: DictConfig, ranks: int) -> None:
     from lethe.engine.distributed import check_launch
 
     check_launch(cfg, ranks)
-    why = registry.get("methods", cfg.method.name).obj.not_distributable
-    if ranks > 1 and why:
-        raise ConfigError(f"method '{cfg.method.name}' cannot train in several processes: {why}; "
-                          f"run it in one process (without --nproc / slurm.tasks_per_node)")
+    method = registry.get("methods", cfg.method.name).obj
+    if ranks > 1 and method.not_distributable:
+        raise ConfigError(f"method '{cfg.method.name}' cannot train in several processes: "
+                          f"{method.not_distributable}; run it in one process (without --nproc / "
+                          f"slurm.tasks_per_node)")
+    if ranks > 1 and cfg.distributed.strategy == "fsdp" and not method.fsdp:
+        fsdp = sorted(n for n, e in registry.entries("methods").items() if e.obj.fsdp)
+        raise ConfigError(f"method '{cfg.method.name}' does not train under distributed.strategy=fsdp "
+                          f"yet (it changes the model after it is sharded, or was not tested "
+                          f"sharded); use distributed.strategy=ddp, or one of: {', '.join(fsdp)}")
 
 
 def build_components(cfg: DictConfig):
@@ -156,6 +162,9 @@ class Runner:
             self.resume_folder.parent, self.resume_folder.name)
         meta = self.checkpointer.meta() if self.checkpointer else {}
         distributed.configure(cfg.distributed, cfg.seed)   # one rank of `--nproc N`, or nothing
+        from lethe.metrics.passes import shard_evaluation
+
+        shard_evaluation(cfg.distributed.strategy != "fsdp")
         # a local store opens in a child process while torch, Avalanche and the stream load;
         # with --nproc N only rank 0 tracks (one run whatever the process count)
         self.lead = distributed.is_lead()
@@ -167,6 +176,7 @@ class Runner:
             self.tracker.close()
 
     def _tracked(self, meta: dict) -> RunResult:
+        from lethe.engine import distributed
         from lethe.engine.distributed import announce_run, rank_device
         from lethe.platform.run_lock import run_folder_lock
 
@@ -197,6 +207,7 @@ class Runner:
             if self.lead:
                 self.checkpointer.write_config(self.config_yaml)
                 handler = self._file_log()
+                log.info("distributed: %s", distributed.describe())
             else:   # no run.log here: without a handler Python would print every record to stderr
                 handler = logging.NullHandler()
                 logging.getLogger("lethe").addHandler(handler)
