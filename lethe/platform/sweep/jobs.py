@@ -55,23 +55,28 @@ def spec_of(state: dict, index: int) -> MemberSpec:
 
 
 # --- the member job (runs on the worker) ------------------------------------------------------
-class MemberJob(submitit.helpers.Checkpointable):
-    """One sweep member; submitit pickles it and runs it in a job with this venv's python."""
+class LetheJob(submitit.helpers.Checkpointable):
+    """A job that runs lethe in its process (a sweep member, a `lethe run --slurm`): ``spec``
+    names its ``cwd`` and torch ``threads``; subclasses implement ``_run(spec)``."""
 
-    def __call__(self, spec: MemberSpec) -> dict:
+    def __call__(self, spec) -> dict:
         with warnings.catch_warnings():
-            # library deprecations (Avalanche warns on every run) would bury the member's log
+            # library deprecations (Avalanche warns on every run) would bury the job's log
             warnings.simplefilter("ignore", DeprecationWarning)
+            # the job owns its process, as the CLI owns its: the run's progress reaches run.log
+            logging.getLogger("lethe").setLevel(logging.INFO)
+            os.chdir(spec.cwd)
+            import torch
+
+            if spec.threads > 0:
+                torch.set_num_threads(spec.threads)
             return self._run(spec)
 
-    def _run(self, spec: MemberSpec) -> dict:
-        # the job owns its process, as the CLI owns its: the run's progress (INFO) reaches run.log
-        logging.getLogger("lethe").setLevel(logging.INFO)
-        os.chdir(spec.cwd)
-        import torch
 
-        if spec.threads > 0:
-            torch.set_num_threads(spec.threads)
+class MemberJob(LetheJob):
+    """One sweep member; submitit pickles it and runs it in a job with this venv's python."""
+
+    def _run(self, spec: MemberSpec) -> dict:
         from lethe.platform.config import load_config
         from lethe.platform.runner import run_experiment
 

@@ -7,12 +7,10 @@ finds that run and continues it from its checkpoint, as a sweep member does.
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
 import uuid
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +18,22 @@ import submitit
 
 from lethe import tags as T
 from lethe.errors import ConfigError, LetheError
-from lethe.platform.sweep.jobs import (SqueueMonitor, join_ranks, ended_outcome, has_result,
-                                       make_executor, resumable_run)
-from lethe.platform.sweep.plan import (Member, _check_ranks, member_config_text, parse_options,
-                                       split_sweep_overrides)
+from lethe.platform.sweep.jobs import (
+    LetheJob,
+    SqueueMonitor,
+    ended_outcome,
+    has_result,
+    join_ranks,
+    make_executor,
+    resumable_run,
+)
+from lethe.platform.sweep.plan import (
+    Member,
+    _check_ranks,
+    member_config_text,
+    parse_options,
+    split_sweep_overrides,
+)
 
 
 @dataclass
@@ -36,24 +46,15 @@ class RunSpec:
     threads: int
 
 
-class RunJob(submitit.helpers.Checkpointable):
+class RunJob(LetheJob):
     """The job: ``lethe run`` of the spec's config, continuing its own run after a requeue."""
 
-    def __call__(self, spec: RunSpec) -> dict:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return self._run(spec)
-
     def _run(self, spec: RunSpec) -> dict:
-        logging.getLogger("lethe").setLevel(logging.INFO)
-        os.chdir(spec.cwd)
-        import torch
         from mlflow.tracking import MlflowClient
 
         from lethe.platform.config import load_config
         from lethe.platform.runner import run_experiment
 
-        torch.set_num_threads(spec.threads)
         cfg = load_config(spec.config_path)
         lead = join_ranks()
         client = MlflowClient(spec.tracking_uri)
