@@ -102,9 +102,12 @@ def test_a_preset_name_cannot_climb_out_of_the_preset_folder(tmp_path, monkeypat
     import os
 
     (tmp_path / "outside.yaml").write_text((PRESET_DIR / "split_digits.yaml").read_text())
-    (tmp_path / "cwd").mkdir()
-    monkeypatch.chdir(tmp_path / "cwd")   # the relative name must not be a file from here
     name = os.path.relpath(tmp_path / "outside", PRESET_DIR)
+    # Run from a folder deeper than the preset folder, so the climbing name cannot also be
+    # a valid path relative to the working directory (it was on a checkout 3 levels deep).
+    cwd = tmp_path.joinpath(*["d"] * (len(PRESET_DIR.parts) + 2))
+    cwd.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
     assert name.startswith("..") and not Path(name + ".yaml").is_file()
     assert "config file not found" in error_of(config=name)
 
