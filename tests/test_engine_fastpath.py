@@ -322,6 +322,84 @@ def test_a_strategy_overriding_an_iteration_trigger_keeps_it():
     assert counting.calls["before_training_iteration"] == iters
 
 
+class GradBefore:
+    """Computes a gradient before each iteration's forward, as A-GEM does with its memory:
+    the template must zero it before the forward (Avalanche's loop does), or it leaks into
+    the step."""
+
+    def before_training_iteration(self, strategy, **kwargs):
+        sum(p.square().sum() for p in strategy.model.parameters()).backward()
+
+
+@pytest.mark.parametrize("plugin", [None, "grad_before"])
+def test_the_engine_loop_gives_avalanches_naive_weights_bitwise(plugin):
+    """lethe's loop zeroes gradients once per step (the step's own zeroing) when no plugin acts
+    between steps, and again before the forward when one may compute gradients there; both
+    give the weights of Avalanche's own Naive loop, bit for bit (same data order, same seed)."""
+    from avalanche.training import Naive as AvalancheNaive
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from lethe.engine.template import zero_each_window
+
+    stream = digits()
+    extra = [GradBefore()] if plugin else []
+    ours = method(stream, train=train_cfg(epochs=2), plugins=extra)
+    model = small_mlp()
+    with pytest.warns(UserWarning, match="No loggers"):
+        evaluator = EvaluationPlugin(loggers=[])
+    theirs = AvalancheNaive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                            train_mb_size=BATCH, train_epochs=2, device="cpu", evaluator=evaluator,
+                            plugins=[GradBefore()] if plugin else None)
+    for strategy, train in ((ours.strategy, lambda e: ours.learn(e)),
+                            (theirs, lambda e: theirs.train(e.train, num_workers=0))):
+        torch.manual_seed(5)
+        for e in stream.experiences[:2]:
+            train(e)
+    start = small_mlp().state_dict()
+    for k, v in theirs.model.state_dict().items():
+        assert not torch.equal(v, start[k]), k
+        assert torch.equal(ours.model.state_dict()[k], v), k
+    assert zero_each_window(ours.strategy) is bool(plugin)
+
+
+class EpochCounts:
+    """Each epoch's (right, seen) counted here from the template's outputs and labels."""
+
+    def __init__(self):
+        self.epochs = []
+
+    def before_training_epoch(self, strategy, **kwargs):
+        self.epochs.append([0, 0])
+
+    def after_training_iteration(self, strategy, **kwargs):
+        self.epochs[-1][0] += int((strategy.mb_output.argmax(1) == strategy.mb_y).sum())
+        self.epochs[-1][1] += len(strategy.mb_y)
+
+
+def test_a_metric_added_to_the_runs_avalanche_evaluator_reaches_mlflow(tmp_path):
+    """The run's evaluation plugin sits idle while it has no metric (it skips Avalanche's
+    per-event work) and hands on every value once a method adds one."""
+    from avalanche.evaluation.metrics import accuracy_metrics
+
+    from lethe.platform.tracking import Tracker, make_avalanche_evaluator
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/m.db", "evaluator")
+    tracker.start("t", {}, {})
+    stream = digits()
+    idle = make_avalanche_evaluator(tracker)
+    method(stream, train=train_cfg(epochs=2), evaluator=idle).learn(stream.experiences[0])
+    assert not [k for k in tracker.metric_keys() if k.startswith("avalanche/")]
+    evaluator = make_avalanche_evaluator(tracker)
+    evaluator.metrics.extend(accuracy_metrics(epoch=True))
+    counts = EpochCounts()
+    method(stream, train=train_cfg(epochs=2), plugins=[counts], evaluator=evaluator).learn(stream.experiences[0])
+    (key,) = [k for k in tracker.metric_keys() if k.startswith("avalanche/Top1_Acc_Epoch")]
+    values = [v for _, v in tracker.metric_history(key)]
+    assert values == pytest.approx([right / seen for right, seen in counts.epochs], abs=1e-9)
+    assert len(values) == 2 and values[0] != values[1]
+    tracker.end("FINISHED")
+
+
 # --- 3: timm gradient checkpointing -------------------------------------------------------
 def tiny_vit():
     from lethe.models.vision import ModelInfo, TimmConfig, timm_model
@@ -355,3 +433,48 @@ def test_timm_gradient_checkpointing_gives_the_same_gradients():
     for n, g in grads[0].items():
         assert g.abs().sum() > 0, n
         assert torch.allclose(g, grads[1][n], atol=1e-6, rtol=0), n
+
+
+# --- 4: progress bars only where they are drawn ---------------------------------------------
+class BarSeen:
+    """Whether the TrainProgress plugin holds a bar while its epoch runs."""
+
+    def __init__(self, progress):
+        self.progress, self.seen = progress, []
+
+    def after_training_iteration(self, strategy, **kwargs):
+        self.seen.append(self.progress.bar is not None)
+
+
+def bars_during_a_run(stream):
+    from lethe.engine.plugins import TrainProgress
+
+    progress = TrainProgress(None, lambda: "exp 1", 1)
+    seen = BarSeen(progress)
+    method(stream, plugins=[progress, seen]).learn(stream.experiences[0])
+    return set(seen.seen)
+
+
+def test_epoch_bars_exist_on_a_terminal_and_are_not_made_elsewhere(monkeypatch):
+    """A terminal (a real pseudo-terminal here) gets the epoch bar; a pipe or TQDM_DISABLE=1
+    gets none, and no tqdm object is made for it (a disabled one still costs its set-up)."""
+    import io
+    import os
+    import sys
+
+    from lethe.engine.plugins import bars_shown
+
+    stream = digits()
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    master, slave = os.openpty()
+    with os.fdopen(slave, "w") as terminal, os.fdopen(master, "rb", buffering=0):
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert bars_shown() and bars_during_a_run(stream) == {True}
+        monkeypatch.setenv("TQDM_DISABLE", "1")
+        assert not bars_shown()
+        monkeypatch.setattr(sys, "stderr", io.StringIO())
+    monkeypatch.delenv("TQDM_DISABLE")
+    assert not bars_shown()
+    made = []
+    monkeypatch.setattr("tqdm.std.tqdm.__init__", lambda self, *a, **k: made.append(k))
+    assert bars_during_a_run(stream) == {False} and made == []

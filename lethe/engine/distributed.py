@@ -30,8 +30,10 @@ artifacts (the others get :class:`NullTracker`); the evaluators shard the test r
 ranks and gather the predictions (lethe.metrics.evaluator.gather_rows). The same ranks come
 from torchrun (``--nproc``) or from a SLURM job's tasks (lethe.platform.sweep.jobs.join_ranks).
 ``distributed.strategy=fsdp`` shards a Hugging Face causal LM's weights in place instead
-(:func:`fully_shard_model`, torch's FSDP2): no wrapper, every rank evaluates all rows; no
-checkpoints yet (see docs/distributed.md).
+(:func:`fully_shard_model`, torch's FSDP2): no wrapper, every rank evaluates all rows;
+checkpoints and best-model copies gather the whole state collectively and rank 0 writes it in
+the single-process format (:func:`full_model_state`), loaded back by sharding it (see
+docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -94,14 +96,6 @@ def _check_fsdp(cfg) -> None:
         raise ConfigError(f"distributed.strategy=fsdp shards Hugging Face causal LMs "
                           f"(model.name=hf_causal_lm), not model.name={cfg.model.name}; use "
                           f"distributed.strategy=ddp")
-    if cfg.checkpoint.enabled:
-        raise ConfigError("distributed.strategy=fsdp does not write checkpoints yet (each rank "
-                          "holds only its shard of the weights): set checkpoint.enabled=false, or "
-                          "use distributed.strategy=ddp")
-    if cfg.eval.every_epochs or cfg.eval.every_steps:
-        raise ConfigError("distributed.strategy=fsdp does not validate during training yet (the "
-                          "best-model copy would hold one shard): set eval.every_epochs=0 and "
-                          "eval.every_steps=0, or use distributed.strategy=ddp")
 
 
 def configure(dist, seed: int) -> None:
@@ -301,6 +295,90 @@ def fully_shard_model(model) -> None:
                                 f"{total} weights")
 
 
+def is_sharded(model) -> bool:
+    """Whether ``model`` is sharded in place by FSDP2 (:func:`fully_shard_model`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _full(cpu_offload: bool, broadcast: bool = False):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload, broadcast_from_rank0=broadcast)
+
+
+def full_model_state(model, everywhere: bool = False) -> dict:
+    """The whole state_dict of a sharded ``model`` (the unsharded model's names), gathered
+    collectively (every rank calls it): rank 0 alone gets it, on the CPU (to write; the others
+    get ``{}``), or with ``everywhere`` every rank on its device (to build a copy)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full(cpu_offload=not everywhere))
+
+
+def load_full_model_state(model, state: dict, from_rank0: bool = False) -> None:
+    """Shard a whole state_dict into the sharded ``model`` (a collective): every rank holds
+    ``state`` (a checkpoint each read), or with ``from_rank0`` rank 0 alone sends it."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, state, options=_full(cpu_offload=False, broadcast=from_rank0))
+
+
+def _param_names(model, optimizer) -> list[str]:
+    """The names of ``optimizer``'s parameters in ``model``, in torch's state_dict numbering
+    (consecutive over the parameter groups)."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    try:
+        return [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    except KeyError:
+        raise RunError("the optimizer holds parameters that are not the sharded model's; "
+                       "checkpoints under distributed.strategy=fsdp need them to be") from None
+
+
+def full_optimizer_state(model, optimizer) -> dict:
+    """The whole optimizer state of a sharded ``model`` (a collective; rank 0 gets it, on the
+    CPU), in torch's own ``optimizer.state_dict()`` format (parameters numbered, not named),
+    so a checkpoint reads the same whatever the process count."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    named = get_optimizer_state_dict(model, optimizer, options=_full(cpu_offload=True))
+    index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
+    if not named.get("param_groups"):   # ranks other than 0
+        return {}
+    return {"state": {index[n]: v for n, v in named.get("state", {}).items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                             for g in named["param_groups"]]}
+
+
+def load_full_optimizer_state(model, optimizer, state: dict) -> None:
+    """Shard a whole optimizer state (torch's format, as :func:`full_optimizer_state` gives
+    it, held by every rank) into ``optimizer`` of the sharded ``model`` (a collective)."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    names = _param_names(model, optimizer)
+    named = {"state": {names[int(i)]: v for i, v in state["state"].items()},
+             "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]}
+                              for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, named, options=_full(cpu_offload=False))
+
+
+def rebind_optimizer(optimizer, old: dict, model) -> None:
+    """Point ``optimizer`` at ``model``'s parameters named as its current ones are in ``old``
+    (name -> parameter), moving their state along: a sharded model rebuilt with the same
+    shapes (adapters added, then merged) shards every parameter as before, so each state
+    tensor is already the new parameter's shard."""
+    new, name_of = dict(model.named_parameters()), {id(p): n for n, p in old.items()}
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group["params"]):
+            name = name_of.get(id(p))
+            if name not in new:
+                raise RunError(f"the rebuilt model has no parameter '{name}' for the optimizer")
+            group["params"][i] = new[name]
+            if p in optimizer.state:
+                optimizer.state[new[name]] = optimizer.state.pop(p)
+
+
 def describe() -> str:
     """One line on this process's part in the run, for its log."""
     if active() is None:
@@ -416,4 +494,6 @@ def launch(nproc: int, argv: list[str], folder: str, tags: dict | None = None) -
 __all__ = ["DataParallel", "NullTracker", "STRATEGIES", "BACKENDS", "check_config", "check_launch",
            "configure", "active", "world_size", "rank", "local_rank", "is_lead", "rank_seed",
            "rank_device", "backend_for", "announce_run", "announce_result", "read_result",
-           "launcher_tags", "launch", "torchrun_args", "loss_terms"]
+           "launcher_tags", "launch", "torchrun_args", "loss_terms", "is_sharded",
+           "full_model_state", "load_full_model_state", "full_optimizer_state",
+           "load_full_optimizer_state", "rebind_optimizer"]

@@ -37,6 +37,8 @@ import os
 import warnings
 from contextlib import nullcontext
 
+_NO_CONTEXT = nullcontext()   # reusable: one per iteration would be created for nothing
+
 from lethe.engine import distributed
 from lethe.errors import ConfigError
 
@@ -147,7 +149,7 @@ class Engine:
 
     # --- one optimisation step ----------------------------------------------------------
     def autocast(self):
-        return self.fabric.autocast() if self.precision.endswith("-mixed") else nullcontext()
+        return self.fabric.autocast() if self.precision.endswith("-mixed") else _NO_CONTEXT
 
     def begin_epoch(self, n_batches: int) -> None:
         """Plan the accumulation windows of an epoch of ``n_batches`` mini-batches."""
@@ -174,7 +176,7 @@ class Engine:
     def training_forward(self, model, step: int):
         """Around the template's training forward: routed through DDP when data-parallel."""
         if self.dist is None:
-            return nullcontext()
+            return _NO_CONTEXT
         return self.dist.forward(model, sync=self.window_ends(), step=step)
 
     def backward(self, loss, retain_graph: bool = False) -> None:

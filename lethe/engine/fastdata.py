@@ -141,7 +141,18 @@ class TensorBatches:
         if torch.device(device).type != "cpu" and size <= DEVICE_COPY_LIMIT:
             columns = [c.to(device) for c in columns]   # once per experience, not per batch
         self.columns = columns
+        # a column holding one value (the task label of a single-task experience) is sliced,
+        # not indexed: a view of it is the same batch column at a fraction of an index's cost
+        self._constant = [c.dim() == 1 and len(c) > 0 and bool((c == c[0]).all()) for c in columns]
         self.batch_size, self.shuffle = int(batch_size), bool(shuffle)
+
+    def on(self, device) -> bool:
+        """Whether every batch comes out on ``device`` already."""
+        import torch
+
+        device = torch.device(device)
+        return all(c.device.type == device.type and (device.index is None or c.device == device)
+                   for c in self.columns)
 
     def __len__(self) -> int:
         return -(-len(self.columns[0]) // self.batch_size)
@@ -149,7 +160,8 @@ class TensorBatches:
     def __iter__(self):
         order = epoch_order(len(self.columns[0]), self.shuffle)
         for idx in order.split(self.batch_size):
-            yield [c[idx] for c in self.columns]   # a CPU index works on device tensors too
+            # a CPU index works on device tensors too
+            yield [c[:len(idx)] if same else c[idx] for c, same in zip(self.columns, self._constant)]
 
 
 __all__ = ["gather", "epoch_order", "TensorBatches", "DEVICE_COPY_LIMIT"]

@@ -60,8 +60,23 @@ def iteration_hooks(strategy) -> dict:
             fire[event] = getattr(strategy, trigger)
             continue
         hooks = [getattr(p, event) for p in strategy.plugins if _acts(p, event)]
-        fire[event] = functools.partial(_fire_all, strategy, hooks)
+        fire[event] = functools.partial(_fire_all, strategy, hooks) if hooks else _nothing
     return fire
+
+
+def _nothing(**kwargs) -> None:
+    """An event no plugin acts on."""
+
+
+def bare_loss(strategy, fire: dict) -> bool:
+    """Whether the loss may be the criterion's value itself rather than Avalanche's
+    ``zeros(1) + criterion`` (two ops and a backward node per iteration, ≈ 8 µs): when nothing
+    can add to the loss before the criterion — no hook at before/after_forward and the template's
+    own empty loss. The values are equal bitwise (0 + x = x); the loss is then a 0-d tensor."""
+    from avalanche.training.templates.base_sgd import BaseSGDTemplate
+
+    return (type(strategy)._make_empty_loss is BaseSGDTemplate._make_empty_loss
+            and fire["before_forward"] is _nothing and fire["after_forward"] is _nothing)
 
 
 BETWEEN_STEPS = ("after_update", "after_training_iteration", "before_training_iteration")
@@ -72,7 +87,7 @@ def zero_each_window(strategy) -> bool:
     loop does after ``before_training_iteration``: when a plugin acting between one optimizer
     step (which zeroes them) and the next forward may compute gradients (A-GEM computes its
     memory's in ``before_training_iteration``). False only when every plugin acting there is
-    marked ``GRAD_FREE`` (lethe's runner plugins); the first window of an epoch always zeroes."""
+    grad-free (:func:`_grad_free`); the first window of an epoch always zeroes."""
     from avalanche.training.templates.base_sgd import BaseSGDTemplate
 
     if type(strategy).optimizer_step is not EngineLoop.optimizer_step:
@@ -81,9 +96,22 @@ def zero_each_window(strategy) -> bool:
         trigger = "_" + event
         if getattr(type(strategy), trigger) is not getattr(BaseSGDTemplate, trigger):
             return True
-        if any(_acts(p, event) and not getattr(p, "GRAD_FREE", False) for p in strategy.plugins):
+        if any(_acts(p, event) and not _grad_free(p) for p in strategy.plugins):
             return True
     return False
+
+
+def _grad_free(plugin) -> bool:
+    """Marked ``GRAD_FREE`` (lethe's runner plugins), or one of Avalanche's own plugins that
+    only count, evaluate or read outputs: its clock and periodic evaluation (in every strategy;
+    Avalanche evaluates under ``no_grad``) and its evaluation plugin (metrics read outputs and
+    losses). A subclass of the first two may do more: it is not trusted."""
+    from avalanche.training.plugins import EvaluationPlugin
+    from avalanche.training.plugins.clock import Clock
+    from avalanche.training.templates.base_sgd import PeriodicEval
+
+    return getattr(plugin, "GRAD_FREE", False) or type(plugin) in (Clock, PeriodicEval) \
+        or isinstance(plugin, EvaluationPlugin)
 
 
 def _fire_all(strategy, hooks, **kwargs) -> None:
@@ -94,7 +122,13 @@ def _fire_all(strategy, hooks, **kwargs) -> None:
 def _acts(plugin, event: str) -> bool:
     from avalanche.logging import BaseLogger
     from avalanche.training.plugins import EvaluationPlugin
+    from avalanche.training.templates.base_sgd import PeriodicEval
 
+    if isinstance(plugin, PeriodicEval) and event == "after_training_iteration" \
+            and type(plugin).after_training_iteration is PeriodicEval.after_training_iteration:
+        # the template's own periodic evaluation (in every strategy) acts per iteration only
+        # in its iteration mode with a period
+        return plugin.peval_mode == "iteration" and plugin.eval_every > 0
     if isinstance(plugin, EvaluationPlugin):
         return bool(plugin.metrics) or any(
             hasattr(logger, event) or type(logger).log_metrics is not BaseLogger.log_metrics
@@ -126,36 +160,58 @@ class EngineLoop:
                 return
         super().make_train_dataloader(**kwargs)
 
-    def _iteration_hooks(self) -> tuple[dict, bool]:
-        """iteration_hooks and zero_each_window, computed again only when the plugins changed."""
+    def _iteration_hooks(self) -> tuple[dict, bool, bool]:
+        """iteration_hooks, zero_each_window and bare_loss, computed again only when the
+        plugins changed."""
         key = tuple(map(id, self.plugins))
         if self._hooks is None or self._hooks[0] != key:
-            self._hooks = (key, iteration_hooks(self), zero_each_window(self))
+            fire = iteration_hooks(self)
+            self._hooks = (key, fire, zero_each_window(self), bare_loss(self, fire))
         return self._hooks[1:]
+
+    def _shortcuts(self, batches) -> tuple[bool, bool]:
+        """(unpack, direct) for this epoch: whether the template's ``_unpack_minibatch`` has
+        work to do (not for the fast path's batches already on the device), and whether its
+        ``forward`` is just ``model(x)`` (a single-task model: the template asks the
+        experience for task labels and the model for its type at every iteration otherwise)."""
+        from avalanche.models.utils import is_multi_task_module
+        from avalanche.training.templates.problem_type.supervised_problem import SupervisedProblem
+
+        cls = type(self)
+        unpack = not (isinstance(batches, TensorBatches) and batches.on(self.device)
+                      and cls._unpack_minibatch is SupervisedProblem._unpack_minibatch)
+        direct = cls.forward is SupervisedProblem.forward and not is_multi_task_module(self.model)
+        return unpack, direct
 
     def training_epoch(self, **kwargs):
         engine = self.engine
         batches = self.dataloader   # the fast path's batches or a loader (replay's, ...)
-        fire, zero_always = self._iteration_hooks()
+        fire, zero_always, bare = self._iteration_hooks()
+        unpack, direct = self._shortcuts(batches)
         engine.begin_epoch(len(batches))
         first = True
         for self.mbatch in batches:
             if self._stop_training:
                 break
             self.mbatch = engine.shard(self.mbatch)   # this rank's rows (--nproc N)
-            self._unpack_minibatch()
+            if unpack:
+                self._unpack_minibatch()
             self.mbatch[0] = engine.convert_input(self.mbatch[0])
             fire["before_training_iteration"](**kwargs)
             if engine.window_starts() and (first or zero_always):
                 self.optimizer.zero_grad(set_to_none=True)   # else the last step zeroed them
                 first = False
-            self.loss = self._make_empty_loss()
+            if not bare:
+                self.loss = self._make_empty_loss()
             fire["before_forward"](**kwargs)
             with engine.autocast():
                 with engine.training_forward(self.model, self.clock.train_iterations):
-                    self.mb_output = self.forward()
+                    self.mb_output = self.model(self.mbatch[0]) if direct else self.forward()
                 fire["after_forward"](**kwargs)
-                self.loss += self.criterion()
+                if bare:
+                    self.loss = self.criterion()
+                else:
+                    self.loss += self.criterion()
             fire["before_backward"](**kwargs)
             self.backward()
             fire["after_backward"](**kwargs)
@@ -178,5 +234,5 @@ class EngineLoop:
         self.engine.reset_optimizer(self.optimizer)
 
 
-__all__ = ["engine_template", "EngineLoop", "iteration_hooks", "zero_each_window",
+__all__ = ["engine_template", "EngineLoop", "iteration_hooks", "zero_each_window", "bare_loss",
            "ITERATION_EVENTS"]

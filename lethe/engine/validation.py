@@ -2,6 +2,13 @@
 
 The split is carved from each experience's (adapted) training data after Avalanche's dataset
 adaptation, so the model never trains on it and the test data is never used for selection.
+
+Under ``distributed.strategy=fsdp`` (weights sharded) every rank validates on the whole split
+(each forward is a collective; every rank gets the same score, so all take the same decision),
+under ``no_grad`` rather than ``inference_mode`` (FSDP reuses the buffers it gathers weights
+into, and one allocated in inference mode cannot be written by a later training step). The
+best-model copy is the whole state, gathered collectively to rank 0 (on the CPU), and restored
+by rank 0 sending it and every rank keeping its shard.
 """
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import copy
 
 import torch
 
+from lethe.engine import distributed
 from lethe.engine.plugins import RunnerPlugin
 
 
@@ -75,9 +83,10 @@ class ValidationPlugin(RunnerPlugin):
     # --- validation and selection -------------------------------------------------------
     def _validate(self, strategy) -> None:
         model = strategy.model
+        sharded = distributed.is_sharded(model)
         was_training = model.training
         model.eval()
-        with torch.inference_mode():
+        with torch.no_grad() if sharded else torch.inference_mode():
             logits = self.predict(self.x, self.t)
             loss = torch.nn.functional.cross_entropy(logits.float(), self.y).item()
             # class dimension 1: [B, C] logits, or LM logits [B, V, L] against targets [B, L]
@@ -87,14 +96,18 @@ class ValidationPlugin(RunnerPlugin):
         self.tracker.log_metrics({"val/acc": acc, "val/loss": loss}, step=step)
         score = acc if self.metric == "val/acc" else -loss
         if self._best is None or score > self._best[0]:
-            state = copy.deepcopy(model.state_dict()) if self.select == "best" else None
+            state = None
+            if self.select == "best":   # sharded: a collective, rank 0 holds the copy
+                state = distributed.full_model_state(model) if sharded else copy.deepcopy(model.state_dict())
             self._best = (score, self._epoch, step, acc, loss, state)
 
     def _finish(self, strategy) -> None:
         if self._best is None:
             return
         score, epoch, step, acc, loss, state = self._best
-        if self.select == "best":
+        if self.select == "best" and distributed.is_sharded(strategy.model):
+            distributed.load_full_model_state(strategy.model, state, from_rank0=True)
+        elif self.select == "best":
             strategy.model.load_state_dict(state)
         self.selection = {"select/epoch": float(epoch), "select/step": float(step),
                           "select/val_acc": acc, "select/val_loss": loss}

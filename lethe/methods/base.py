@@ -37,8 +37,8 @@ class Method:
     # for --nproc N and multi-task SLURM jobs (lethe.platform.runner.check_distributable)
     not_distributable = ""
     # whether the method trains under distributed.strategy=fsdp (sharded weights): only those
-    # whose model stays the one built at the start (no adapters added later) and that were
-    # tested sharded
+    # tested sharded, whose model changes (if at all) through LLMUnlearner.edit_lm, which
+    # rebuilds a sharded model around new modules (adapters)
     fsdp = False
 
     def __init__(self, cfg, model, ctx: MethodContext):
@@ -101,7 +101,10 @@ class Method:
             raise RunError(f"unknown experience kind '{experience.kind}'")
 
     def learn(self, experience) -> None:
-        self.strategy.train(experience.train, num_workers=self.ctx.train.num_workers)
+        # eval_streams=[]: lethe evaluates through its own evaluator; Avalanche's default
+        # (evaluate on the training experiences, which its periodic eval never does unasked)
+        # only sorted them by stream name, a per-experience cost for nothing
+        self.strategy.train(experience.train, eval_streams=[], num_workers=self.ctx.train.num_workers)
         self.learned.append(experience.index)
 
     def unlearn(self, request) -> None:
@@ -139,20 +142,40 @@ class Method:
         pass
 
     def state_dict(self) -> dict:
+        """The method's state. Under FSDP (sharded weights) model and optimizer are gathered
+        whole, collectively: every rank calls this, rank 0 gets the single-process format
+        (the others get empty model and optimizer entries and write nothing)."""
+        from lethe.engine import distributed
+
         clock = {k: v for k, v in vars(self.strategy.clock).items() if isinstance(v, int)}
-        return {"model": self.model.state_dict(), "optimizer": self.strategy.optimizer.state_dict(),
-                "clock": clock, "learned": list(self.learned), "extra": self.extra_state(),
-                "engine": self.engine.state_dict()}
+        if distributed.is_sharded(self.model):
+            model = distributed.full_model_state(self.model)
+            optimizer = distributed.full_optimizer_state(self.model, self.strategy.optimizer)
+        else:
+            model, optimizer = self.model.state_dict(), self.strategy.optimizer.state_dict()
+        return {"model": model, "optimizer": optimizer, "clock": clock, "learned": list(self.learned),
+                "extra": self.extra_state(), "engine": self.engine.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; under FSDP every rank holds the whole checkpoint and
+        each keeps its shard of it."""
         from avalanche.models.dynamic_optimizers import update_optimizer
 
-        self.model.load_state_dict(state["model"])
+        from lethe.engine import distributed
+
+        sharded = distributed.is_sharded(self.model)
+        if sharded:
+            distributed.load_full_model_state(self.model, state["model"])
+        else:
+            self.model.load_state_dict(state["model"])
         # Avalanche resets optimizer state (momentum) on its first make_optimizer call; do
         # that first call now, the way the original run did, then restore the saved state.
         self.strategy.optimized_param_id = update_optimizer(
             self.strategy.optimizer, dict(self.model.named_parameters()), None, reset_state=True)
-        self.strategy.optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            distributed.load_full_optimizer_state(self.model, self.strategy.optimizer, state["optimizer"])
+        else:
+            self.strategy.optimizer.load_state_dict(state["optimizer"])
         for k, v in state["clock"].items():   # EWC & co. read the template's clock
             setattr(self.strategy.clock, k, v)
         self.learned = list(state["learned"])

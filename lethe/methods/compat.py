@@ -11,13 +11,75 @@ fraction, epochs, init, n_train}``: the method builds the new version's network 
 a model node; None = the previous version's architecture), trains it on the experience's
 data and deploys it. The deployed model is ``self.model``; while a version trains,
 ``self.old_model`` is a frozen copy of the previous one (None for version 0).
+
+``method.mode: adapter`` is MUSCLE's setting (the stream's versions carry ``base``, see
+lethe/scenarios/model_update.py): version k's pretrained base is built from its payload
+(and pretrained in the run first when ``pretrain_epochs > 0``), frozen, and gets a fresh
+task LoRA adapter (LoRA's B = 0: training starts from the base's own outputs) on every
+nn.Linear / nn.Conv2d; only the adapter trains, over the fixed task data. The deployed model
+is base_k + adapter_k, unmerged (the served form: a frozen base carrying its task adapter),
+and it is the ``old_model`` of version k + 1.
 """
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
-from lethe.errors import RunError
+from lethe.errors import ConfigError, RunError
 from lethe.methods.base import Method
+
+MODES = ("full", "adapter")
+
+
+@dataclass
+class UpdateConfig:
+    """Keys every update method with a version (adapter) mode shares."""
+
+    mode: str = "full"            # full: each version trains a whole network | adapter: each
+                                  # version is a frozen base (scenario.versions[i].base) with
+                                  # a task LoRA adapter (MUSCLE's setting)
+    rank: int = 8                 # LoRA rank of the adapters (choice)
+    lora_alpha: float = 16.0      # LoRA scale numerator: update = (alpha / rank) · B A (choice)
+    lora_dropout: float = 0.0     # dropout on the adapters' input
+
+
+def lora_targets(model) -> list[str]:
+    """Names of the layers that get a LoRA adapter: every nn.Linear and nn.Conv2d."""
+    from torch import nn
+
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def lora_config(model, cfg):
+    """peft LoraConfig on :func:`lora_targets` with the method's rank / alpha / dropout."""
+    import re
+
+    from peft import LoraConfig
+
+    names = lora_targets(model)
+    if not names:
+        raise RunError("the model has no nn.Linear / nn.Conv2d layer to put a LoRA adapter on")
+    # a regex is matched against whole module names, so '1' cannot also hit 'block.1'
+    pattern = "^(" + "|".join(re.escape(n) for n in names) + ")$"
+    return LoraConfig(r=int(cfg.rank), lora_alpha=float(cfg.lora_alpha),
+                      lora_dropout=float(cfg.lora_dropout), target_modules=pattern, bias="none")
+
+
+def with_task_adapter(base, cfg):
+    """``base`` (modified in place) frozen, with a fresh LoRA adapter injected into its layers
+    (no wrapper class: the module keeps its type and forward); only ``.lora_`` params train."""
+    from peft import inject_adapter_in_model
+
+    model = inject_adapter_in_model(lora_config(base, cfg), base)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    return model
+
+
+def stream_mode(stream) -> str:
+    """adapter when the stream's update versions carry a base (version mode), else full."""
+    ups = [e for e in stream.experiences if e.kind == "update"]
+    return "adapter" if ups and ups[0].payload.get("base") is not None else "full"
 
 
 def frozen_copy(model):
@@ -46,12 +108,31 @@ class UpdateMethod(Method):
     cross-entropy plus whatever the subclass's Avalanche callbacks add).
     """
 
+    @classmethod
+    def check_stream(cls, cfg, stream, seed: int) -> None:
+        mode = getattr(cfg, "mode", "full")
+        if mode not in MODES:
+            raise ConfigError(f"method.mode='{mode}' must be one of {', '.join(MODES)}")
+        want = stream_mode(stream)
+        if want == mode:
+            return
+        if not hasattr(cfg, "mode"):
+            raise ConfigError(f"method '{cls.name}' has no version (adapter) mode: "
+                              "scenario.versions[i].base needs naive_update or muscle")
+        if want == "adapter":
+            raise ConfigError("scenario.versions[i].base is set (version mode: frozen bases with "
+                              "task adapters) but method.mode=full; set method.mode: adapter")
+        raise ConfigError("method.mode=adapter trains task adapters on frozen bases: give every "
+                          "version one with scenario.versions[i].base: {name: ..., path: ...}")
+
     def __init__(self, cfg, model, ctx):
         # The top-level `model` node is version 0's architecture unless its payload names one;
         # keep an untrained copy to build later versions that inherit that architecture.
         self._top_level = copy.deepcopy(model)
         self.version = -1            # deployed version (-1: none yet)
         self.old_model = None        # frozen previous version while a new one trains
+        self.adapter_mode = getattr(cfg, "mode", "full") == "adapter"
+        self.pretraining = False     # True while a version-mode base pretrains (no method loss)
         super().__init__(cfg, model, ctx)
 
     # --- versions -----------------------------------------------------------------------
@@ -65,23 +146,50 @@ class UpdateMethod(Method):
                 return p["model"]
         return None
 
-    def build_version(self, k: int):
-        """A freshly initialised network with version k's architecture."""
+    def _payload(self, k: int) -> dict:
+        return next(e.payload for e in self.ctx.stream.experiences
+                    if e.kind == "update" and e.payload.get("version") == k)
+
+    def _build(self, spec):
+        """A network from a model node (dict with ``name``)."""
         from omegaconf import OmegaConf
 
         from lethe import registry
         from lethe.models.vision import ModelInfo
 
-        spec = self._spec(k)
-        if spec is None:
-            return reinitialise(self._top_level)
         node = OmegaConf.create(dict(spec))
         name = node.pop("name")
         stream = self.ctx.stream
         info = ModelInfo(input_shape=stream.input_shape, n_classes=stream.n_classes)
         return registry.get("models", name).obj(node, info)
 
+    def build_version(self, k: int):
+        """A freshly initialised network with version k's architecture (version mode: its
+        base as built from the node, with a fresh task adapter)."""
+        if self.adapter_mode:
+            return with_task_adapter(self._build(self._payload(k)["base"]), self.cfg)
+        spec = self._spec(k)
+        if spec is None:
+            return reinitialise(self._top_level)
+        return self._build(spec)
+
+    def _pretrained_base(self, payload: dict):
+        """Version mode: the payload's base, pretrained in the run (all weights, the template's
+        cross-entropy only) when it names a pretraining set; then frozen with a task adapter."""
+        base = self._build(payload["base"])
+        if payload.get("pretrain") is not None:
+            self.use_model(base, int(payload["pretrain_epochs"]))
+            self.pretraining = True
+            try:
+                self.strategy.train(payload["pretrain"], num_workers=self.ctx.train.num_workers)
+            finally:
+                self.pretraining = False
+            base = self.model
+        return with_task_adapter(base, self.cfg)
+
     def _new_version_model(self, payload: dict):
+        if self.adapter_mode:
+            return self._pretrained_base(payload)
         k = int(payload["version"])
         if payload.get("init") == "previous":
             if self.version < 0:
@@ -119,6 +227,18 @@ class UpdateMethod(Method):
 
     def train_version(self, experience, epochs: int) -> None:
         self.strategy.train(experience.train, num_workers=self.ctx.train.num_workers)
+
+    def method_loss_active(self, strategy) -> bool:
+        """Whether a subclass's extra loss applies to this minibatch: a previous version exists,
+        the template trains the deployed model, and no version-mode base is pretraining."""
+        return self.old_model is not None and strategy.model is self.model and not self.pretraining
+
+    def before_training_epoch(self, strategy, **kwargs):
+        # a frozen base's normalisation statistics must not drift under its adapter either
+        if self.adapter_mode and not self.pretraining:
+            from lethe.models.lora import freeze_norm_stats
+
+            freeze_norm_stats(strategy.model)
 
     # --- checkpoints --------------------------------------------------------------------
     def extra_state(self) -> dict:

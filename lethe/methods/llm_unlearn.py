@@ -108,7 +108,7 @@ class LLMUnlearner(Method):
         from peft import PeftModel
 
         if isinstance(self.model.lm, PeftModel):
-            self.model.lm = self.model.lm.merge_and_unload()
+            self.edit_lm(lambda lm: lm.merge_and_unload())
 
     def wrap_lora(self, rank: int, alpha: float, targets=None, dropout: float = 0.0) -> None:
         """Plain LoRA (B = 0: the model is unchanged) on every linear layer but the head."""
@@ -116,11 +116,55 @@ class LLMUnlearner(Method):
 
         from lethe.models.lora import is_conv1d, lm_linear_targets
 
-        names = lm_linear_targets(self.model.lm, targets or None)
-        conv = all(is_conv1d(self.model.lm.get_submodule(n)) for n in names)
-        self.model.lm = get_peft_model(self.model.lm, LoraConfig(
-            r=rank, lora_alpha=alpha or 2 * rank, target_modules=names, lora_dropout=float(dropout),
-            bias="none", fan_in_fan_out=conv, task_type="CAUSAL_LM"))
+        def wrap(lm):
+            names = lm_linear_targets(lm, targets or None)
+            conv = all(is_conv1d(lm.get_submodule(n)) for n in names)
+            return get_peft_model(lm, LoraConfig(
+                r=rank, lora_alpha=alpha or 2 * rank, target_modules=names,
+                lora_dropout=float(dropout), bias="none", fan_in_fan_out=conv, task_type="CAUSAL_LM"))
+
+        self.edit_lm(wrap)
+
+    # --- sharded models (distributed.strategy=fsdp) -----------------------------------------
+    @property
+    def sharded(self) -> bool:
+        from lethe.engine.distributed import is_sharded
+
+        return is_sharded(self.model)
+
+    def unsharded_copy(self):
+        """An unsharded copy of the sharded model on every rank: its whole weights gathered
+        collectively (every rank calls this), loaded into a model built like it."""
+        from lethe.engine.distributed import full_model_state
+        from lethe.models.hf import unsharded_like
+
+        full = full_model_state(self.model, everywhere=True)
+        plain = unsharded_like(self.model)
+        plain.load_state_dict(full)
+        return plain
+
+    def edit_lm(self, edit) -> None:
+        """``self.model.lm = edit(self.model.lm)`` (add adapters, merge them). A sharded model
+        cannot take new modules in place (FSDP2 manages the parameters it was given), so
+        there the edit is made on an unsharded copy of the gathered weights, on every rank
+        alike, and the result sharded again as the method's model (the template's too)."""
+        if not self.sharded:
+            self.model.lm = edit(self.model.lm)
+            return
+        plain = self.unsharded_copy()
+        plain.lm = edit(plain.lm)
+        self.model = self.engine.prepare_model(plain)
+        self.strategy.model = self.model
+
+    def frozen_copy(self):
+        """A frozen copy of the model in eval mode (a reference p_ref): a deep copy, or under
+        FSDP a sharded copy rebuilt from the gathered weights (a sharded module cannot be
+        deep-copied)."""
+        import copy
+
+        if not self.sharded:
+            return copy.deepcopy(self.model).eval().requires_grad_(False)
+        return self.engine.prepare_model(self.unsharded_copy().requires_grad_(False)).eval()
 
     def trainable(self):
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -141,6 +185,9 @@ class LLMUnlearner(Method):
         if len(rx) == 0:
             raise RunError("the deletion request leaves no retain rows to pair the forget rows with")
         self.model.train()
+        # a sharded model that is rebuilt (adapters: edit_lm) takes the template's optimizer
+        # state along, by parameter name, as the unsharded model keeps its parameters
+        learned, before = self.model, dict(self.model.named_parameters()) if self.sharded else None
         self.prepare_unlearning(fx, fy, rx, ry)
         fx, fy = self.forget_rows(fx, fy, request)
         opt = make_optimizer(self.trainable(), SimpleNamespace(
@@ -152,9 +199,20 @@ class LLMUnlearner(Method):
         finally:
             self.engine.accum = train_accum
         self.finish_unlearning()
+        if before is not None and self.model is not learned:
+            self._rebind_template(before)
         self.model.eval()
         self.stats = {"serve_s": time.perf_counter() - t0, "unlearn_steps": steps,
                       "target_reached": float(reached) if cfg.stop_at_target else float("nan")}
+
+    def _rebind_template(self, before: dict) -> None:
+        from lethe.engine.distributed import rebind_optimizer
+
+        rebind_optimizer(self.strategy.optimizer, before, self.model)
+        known = getattr(self.strategy, "optimized_param_id", None)   # Avalanche's name -> param
+        if known is not None:
+            now = dict(self.model.named_parameters())
+            self.strategy.optimized_param_id = {n: now.get(n, p) for n, p in known.items()}
 
     def _unlearn_loop(self, opt, fx, fy, rx, ry) -> tuple[bool, int]:
         """The unlearning epochs through the engine; returns (target reached, optimizer steps)."""

@@ -22,6 +22,13 @@ shorter last accumulation window of each epoch (every row every epoch), so forge
 steps where the official max_steps = ⌊5·400 / 32⌋ = 62. On the tiny synthetic stream FILA does
 not reach the forget target faster than zero-initialised LoRA (docs/unlearning.md).
 
+Under ``distributed.strategy=fsdp`` (lethe's addition; the official code runs one process)
+FILA runs on an unsharded copy of the gathered weights on every rank (``edit_lm``), each rank
+differentiating its share (``rank::N``) of the Fisher batches and the squared-gradient sums
+added over the ranks, so every rank holds the full-data Fisher and computes the same factors;
+the wrapped model is then sharded and trained sharded. The copy and the Fisher are whole on
+every rank, as in one process (docs/distributed.md).
+
 A run should show: the forget tokens' probability (memorisation accuracy, extraction
 likelihood) falling to the level of unseen data within a few epochs while retain-set NLL
 barely moves; FILA reaching that point in fewer steps than a zero-initialised LoRA.
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lethe.engine import distributed
 from lethe.errors import ConfigError
 from lethe.methods.llm_unlearn import LLMUnlearner, UnlearnConfig, lm_nll
 from lethe.models.lora import is_conv1d
@@ -111,7 +119,27 @@ def _squared_grad_pass(lm, batches, modules, consume) -> int:
     return total
 
 
-def fisher_diagonal(lm, batches, modules):
+def _split(batches, part):
+    """This rank's batches (``rank::world``) when the Fisher is shared between ranks."""
+    return list(batches) if part is None else list(batches)[part[0]::part[1]]
+
+
+def _summed(sums: dict, total: int, part) -> int:
+    """With ``part`` (rank, world): every rank's sums added up in place (all_reduce), so each
+    holds the full-data sums of its own and the others' batches; returns the total tokens."""
+    if part is None or part[1] == 1:
+        return total
+    import torch
+    import torch.distributed as dist
+
+    for tensor in sums.values():
+        dist.all_reduce(tensor)
+    count = torch.tensor([total], dtype=torch.float64, device=next(iter(sums.values())).device)
+    dist.all_reduce(count)
+    return int(count.item())
+
+
+def fisher_diagonal(lm, batches, modules, part=None):
     """Empirical diagonal Fisher of the weights of ``modules`` (names in ``lm``).
 
     For every batch ``(input_ids [B, L], targets [B, L])`` the batch-mean NLL is
@@ -119,6 +147,9 @@ def fisher_diagonal(lm, batches, modules):
     token count turns a mean gradient back into a per-token weight). Returns
     ``({name: sum, shaped like the weight}, total counted tokens)``. Parameters, their
     ``requires_grad`` flags, ``.grad`` fields and the train/eval mode are left as found.
+    ``part`` = (rank, world): this process (one rank of a run whose ranks each hold ``lm``
+    whole) takes the batches ``rank::world`` and the ranks' sums are added up (all_reduce):
+    every rank gets the full-data Fisher, each having run 1/world of the batches.
     """
     import torch
 
@@ -129,10 +160,11 @@ def fisher_diagonal(lm, batches, modules):
             g = g.float()
             sums[n].addcmul_(g, g, value=n_tok)
 
-    return sums, _squared_grad_pass(lm, batches, modules, add)
+    total = _squared_grad_pass(lm, _split(batches, part), modules, add)
+    return sums, _summed(sums, total, part)
 
 
-def relative_fisher_rows(lm, forget_batches, modules, retain_fisher, n_retain):
+def relative_fisher_rows(lm, forget_batches, modules, retain_fisher, n_retain, part=None):
     """Row sums of the relative Fisher without a second full Fisher: for each weight
     W [out, in], ``Σ_j F_f[i, j] / (F_r[i, j] / N_r + eps)`` per output row i (float64 [out]),
     with F_f the forget-set Fisher (:func:`fisher_diagonal`'s sums) and F_r = ``retain_fisher``.
@@ -140,6 +172,7 @@ def relative_fisher_rows(lm, forget_batches, modules, retain_fisher, n_retain):
     F_f is linear in the per-batch squared gradients, so each batch's ``n_tok · g²`` is divided
     by the denominator and summed over the row right away. ``retain_fisher`` is turned into the
     denominator in place (it is consumed). Returns ``({name: row sums}, forget tokens N_f)``.
+    ``part``: the batches shared between ranks, as in :func:`fisher_diagonal`.
     """
     import torch
 
@@ -156,7 +189,8 @@ def relative_fisher_rows(lm, forget_batches, modules, retain_fisher, n_retain):
             ratio = g.float().pow(2).div_(denom[n])
             rows[n].add_(ratio.sum(row_dim[n], dtype=torch.float64), alpha=n_tok)
 
-    return rows, _squared_grad_pass(lm, forget_batches, modules, add)
+    total = _squared_grad_pass(lm, _split(forget_batches, part), modules, add)
+    return rows, _summed(rows, total, part)
 
 
 SVDS = ("lowrank", "exact")
@@ -189,7 +223,7 @@ def fila_factors(weight, row_w, rank: int, scale: float, svd: str = "exact", see
 
 
 def fila_init(lm, forget_batches, retain_batches, rank: int = 4, alpha=None, target_modules=None,
-              svd: str = "exact", seed: int = 0):
+              svd: str = "exact", seed: int = 0, part=None):
     """Wrap the Hugging Face causal LM ``lm`` with peft LoRA adapters initialised by FILA.
 
     ``forget_batches`` / ``retain_batches``: iterables of ``(input_ids, targets)``; the
@@ -198,6 +232,8 @@ def fila_init(lm, forget_batches, retain_batches, rank: int = 4, alpha=None, tar
     W ← W − s·B·A so the wrapped model computes the same function as ``lm``. Returns the peft
     model with only LoRA A/B trainable; ``model.fila_row_weights`` maps each target name to w.
     ``svd``/``seed``: the SVD of :func:`top_singular` (lowrank seeded per weight from ``seed``).
+    ``part`` = (rank, world): the Fisher passes shared between ranks (:func:`fisher_diagonal`);
+    every rank then computes the same factors from the same reduced Fisher.
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -212,8 +248,8 @@ def fila_init(lm, forget_batches, retain_batches, rank: int = 4, alpha=None, tar
                              f"({out_f}x{in_f}); choose rank <= {min(out_f, in_f)}")
     # one float32 accumulator per target weight at a time: the retain Fisher, which becomes the
     # denominator of the forget pass (a 7B model's Fisher is 28 GB)
-    f_r, n_r = fisher_diagonal(lm, retain_batches, names)
-    rel_rows, n_f = relative_fisher_rows(lm, forget_batches, names, f_r, n_r)
+    f_r, n_r = fisher_diagonal(lm, retain_batches, names, part)
+    rel_rows, n_f = relative_fisher_rows(lm, forget_batches, names, f_r, n_r, part)
     del f_r
     if n_f == 0 or n_r == 0:
         raise ValueError(f"LoKU FILA needs counted tokens on both sets (forget: {n_f}, "
@@ -265,6 +301,7 @@ class Loku(LLMUnlearner):
     """LoKU: IHL on the forget set + NLL on the retain set, through FILA-initialised LoRA."""
 
     name = "loku"
+    fsdp = True   # adapters added and merged through edit_lm (a rebuilt sharded model)
 
     @classmethod
     def check_stream(cls, cfg, stream, seed: int) -> None:
@@ -286,10 +323,13 @@ class Loku(LLMUnlearner):
         forget = [(fx[i:i + bs].to(dev), fy[i:i + bs].to(dev)) for i in range(0, len(fx), bs)]
         ridx = torch.randperm(len(rx), generator=gen)[:len(fx)]
         retain = [(rx[ridx[i:i + bs]].to(dev), ry[ridx[i:i + bs]].to(dev)) for i in range(0, len(ridx), bs)]
+        # sharded (FSDP): FILA runs on an unsharded copy on every rank (edit_lm), each rank
+        # differentiating its share of the Fisher batches, the sums reduced over the ranks
+        part = (distributed.rank(), distributed.world_size()) if self.sharded else None
         try:   # targets are aligned with the inputs already (no shift inside)
-            self.model.lm = fila_init(self.model.lm, forget, retain, cfg.rank, cfg.alpha or None,
-                                      list(cfg.target_modules) or None, cfg.fila_svd,
-                                      self.ctx.seed + 15485863)
+            self.edit_lm(lambda lm: fila_init(lm, forget, retain, cfg.rank, cfg.alpha or None,
+                                              list(cfg.target_modules) or None, cfg.fila_svd,
+                                              self.ctx.seed + 15485863, part))
         except ValueError as exc:
             raise ConfigError(f"method (loku): {exc}") from None
 

@@ -24,7 +24,7 @@ softmax(refined logits) + softmax(T · prototype cosine), T = number of tasks le
 What a run should show: far less forgetting than sequential tuning of one adapter
 (``seq_adapter``, registered below as the baseline on the same backbone); with a ViT-B/16
 IN-21k backbone the paper (Table 1) reports average incremental / last accuracy 93.30 / 89.25
-on CIFAR-100 B0 Inc5 and 82.75 / 77.83 on ImageNet-R B0 Inc20 (lethe's acc/avg_incremental
+on CIFAR-100 B0 Inc5 and 82.96 / 77.93 on ImageNet-R B0 Inc20 (lethe's acc/avg_incremental
 and acc/last; presets paper/mos_cifar100_b0inc5 and paper/mos_imagenet_r).
 
 Deviation in adapter merging (lethe's default kept): lethe applies the paper's formula to

@@ -29,7 +29,9 @@ flattened sequence) or over its answer tokens only (``answer``). LoRA (official:
 alpha = 32, dropout 0.05) on every linear layer, merged into the model when the request is
 served. With LoRA, p_ref is the wrapped model with its adapters disabled (the frozen base
 weights are the model before unlearning), so no second copy of the weights is held; full
-fine-tuning (rank 0) keeps a frozen deep copy.
+fine-tuning (rank 0) keeps a frozen deep copy (under ``distributed.strategy=fsdp`` a frozen
+sharded copy rebuilt from the gathered weights, :meth:`LLMUnlearner.frozen_copy`; the LoRA
+adapters are added and merged on an unsharded copy, sharded again: ``edit_lm``).
 """
 from __future__ import annotations
 
@@ -104,6 +106,7 @@ class Relearn(LLMUnlearner):
     """Unlearning by learning vague, leak-free answers to augmented forget questions (+ retain CE, KL)."""
 
     name = "relearn"
+    fsdp = True   # adapters added and merged through edit_lm (a rebuilt sharded model)
 
     @classmethod
     def check_stream(cls, cfg, stream, seed: int) -> None:
@@ -120,13 +123,11 @@ class Relearn(LLMUnlearner):
         super().check_stream(cfg, stream, seed)
 
     def prepare_unlearning(self, fx, fy, rx, ry) -> None:
-        import copy
-
         from peft import PeftModel
 
         # adapters already on the model would be disabled too: its base would not be p_ref
         base_is_ref = self.cfg.rank > 0 and not isinstance(self.model.lm, PeftModel)
-        self.reference = None if base_is_ref else copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.reference = None if base_is_ref else self.frozen_copy()
         if self.cfg.rank > 0:
             self.wrap_lora(self.cfg.rank, self.cfg.alpha, dropout=self.cfg.lora_dropout)
 

@@ -126,6 +126,10 @@ METRICS: tuple[MetricDoc, ...] = (
               "Avalanche Loss_Epoch / Loss_MB", "Avalanche", "step axis = training iterations"),
     MetricDoc("train/lr", "learning rate of parameter group 0", "per epoch, or per step with a schedule",
               "—", "step axis = training iterations"),
+    MetricDoc("avalanche/<name>", "the value of an Avalanche metric a method adds to the run's "
+              "evaluation plugin, under its Avalanche name with / replaced by _",
+              "as the Avalanche metric defines it", "Avalanche",
+              "step axis = the metric's own x value (training iterations for training metrics)"),
     MetricDoc("val/acc", "accuracy on the validation split carved from the experience's training data",
               "evaluation during training (eval.every_epochs / eval.every_steps)", "—",
               "step axis = training iterations; never computed on test data"),

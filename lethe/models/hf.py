@@ -233,5 +233,42 @@ def hf_causal_lm(cfg, info):
     return cls(lm)
 
 
+def unsharded_like(model):
+    """A new, unsharded ``hf_causal_lm`` model built like ``model`` (which may be sharded by
+    FSDP2 and may carry peft adapters): the same Hugging Face class and config, the same
+    adapters, the same ``requires_grad`` flags, on the same device and in the same dtype; its
+    weights are left uninitialised, to be loaded from ``model``'s gathered state. FSDP2 cannot
+    be undone in place, so a sharded model that needs new modules is rebuilt from this."""
+    import torch
+
+    first = next(model.parameters())
+    with torch.device(first.device):
+        copy = _classes()[1](_plain_lm(model.lm)).to(first.dtype)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for name, param in copy.named_parameters():
+        param.requires_grad_(flags.get(name, param.requires_grad))
+    return copy
+
+
+def _plain_lm(lm):
+    """The unsharded skeleton of a (sharded) Hugging Face LM or peft model of one."""
+    import copy
+
+    from peft import PeftModel, get_peft_model
+    from torch.distributed.fsdp import FSDPModule
+    from transformers.initialization import no_init_weights
+
+    if isinstance(lm, PeftModel):
+        configs = dict(lm.peft_config)
+        model = get_peft_model(_plain_lm(lm.get_base_model()), copy.deepcopy(configs.pop("default")))
+        for name, config in configs.items():   # lethe adds one adapter; others kept alike
+            model.add_adapter(name, copy.deepcopy(config))
+        return model
+    # fully_shard swaps a module's class for a subclass FSDP<cls>: build the class it was
+    cls = next(c for c in type(lm).__mro__ if not issubclass(c, FSDPModule))
+    with no_init_weights():
+        return cls(lm.config)
+
+
 __all__ = ["HFEncoderConfig", "HFCausalLMConfig", "MINILM", "minilm_path", "resolve_pretrained",
-           "load_tokenizer", "quiet_transformers", "hf_encoder", "hf_causal_lm"]
+           "load_tokenizer", "quiet_transformers", "hf_encoder", "hf_causal_lm", "unsharded_like"]

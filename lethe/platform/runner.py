@@ -80,8 +80,9 @@ def check_distributable(cfg: DictConfig, ranks: int) -> None:
     if ranks > 1 and cfg.distributed.strategy == "fsdp" and not method.fsdp:
         fsdp = sorted(n for n, e in registry.entries("methods").items() if e.obj.fsdp)
         raise ConfigError(f"method '{cfg.method.name}' does not train under distributed.strategy=fsdp "
-                          f"yet (it changes the model after it is sharded, or was not tested "
-                          f"sharded); use distributed.strategy=ddp, or one of: {', '.join(fsdp)}")
+                          f"yet (it was not tested with sharded weights: it may copy the model, "
+                          f"build another or add modules to it after it is sharded); use "
+                          f"distributed.strategy=ddp, or one of: {', '.join(fsdp)}")
 
 
 def build_components(cfg: DictConfig):
@@ -283,7 +284,7 @@ class Runner:
         for exp in tqdm(stream.experiences[start:], desc=self.cfg.name, unit="exp", initial=start,
                         total=n, disable=None):
             final = self._serve(exp, n, method, evaluator, plugins)
-            if self.cfg.checkpoint.enabled and self.lead:
+            if self.cfg.checkpoint.enabled and (self.lead or self._gathers()):
                 self._save(method, evaluator, plugins, exp.index + 1, n, finished=False)
         return self._finish(method, evaluator, plugins, final, n)
 
@@ -390,13 +391,23 @@ class Runner:
                 "plugins": [p.state_dict() for p in plugins], "rng": ckpt.rng_state(),
                 "next": next_index}
 
+    def _gathers(self) -> bool:
+        """Whether a checkpoint's state is gathered from every rank (FSDP: each holds a shard
+        of the weights, so every rank takes part and rank 0 alone writes)."""
+        from lethe.engine.distributed import world_size
+
+        return self.cfg.distributed.strategy == "fsdp" and world_size() > 1
+
     def _save(self, method, evaluator, plugins, next_index: int, n: int, finished: bool) -> None:
+        state = self._state(method, evaluator, plugins, next_index)   # FSDP: a collective
+        if not self.lead:
+            return
         meta = {"run_id": self.tracker.run_id, "tracking_uri": self.tracker.uri,
                 "experiment": self.tracker.experiment, "config_hash": self.cfg_hash,
                 "next_experience": next_index, "n_experiences": n, "finished": finished,
                 "config": self.cfg.name}
         self.tracker.flush()   # what a checkpoint covers is stored before it is written
-        self.checkpointer.save(self._state(method, evaluator, plugins, next_index), meta)
+        self.checkpointer.save(state, meta)
 
     def _finish(self, method, evaluator, plugins, final: dict, n: int) -> RunResult:
         import tempfile
@@ -407,6 +418,8 @@ class Runner:
 
         tracker, store = self.tracker, evaluator.store
         if not self.lead:   # --nproc N: rank 0 writes the artifacts and the checkpoint
+            if self.cfg.checkpoint.enabled and self._gathers():   # its share of the state
+                self._save(method, evaluator, plugins, n, n, finished=True)
             return RunResult(run_id=None, tracking_uri=tracker.uri, experiment=tracker.experiment,
                              status="FINISHED", final=final)
         title = f"{self.cfg.name}: {self.cfg.method.name}"

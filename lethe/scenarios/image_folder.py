@@ -194,14 +194,15 @@ def write_digit_pngs(root, per_class: int | None = None, scale: int = 1) -> int:
 
     import numpy as np
     from PIL import Image
-    from sklearn.datasets import load_digits
 
-    digits, root, n = load_digits(), Path(root), 0
+    from lethe.scenarios.splits import load_digits
+
+    (images, target), root, n = load_digits(), Path(root), 0
     for c in range(10):
         (root / str(c)).mkdir(parents=True, exist_ok=True)
-        rows = np.flatnonzero(digits.target == c)[:per_class]
+        rows = np.flatnonzero(target == c)[:per_class]
         for i, r in enumerate(rows):
-            pixels = (digits.images[r] * (255 / 16)).round().astype(np.uint8)
+            pixels = (images[r] * (255 / 16)).round().astype(np.uint8)
             Image.fromarray(pixels.repeat(scale, 0).repeat(scale, 1)).save(root / str(c) / f"{i}.png")
             n += 1
     return n

@@ -1,4 +1,4 @@
-"""Split digits: sklearn's 1,797 real 8x8 handwritten digits, class-incremental."""
+"""Split digits: scikit-learn's 1,797 real 8x8 handwritten digits, class-incremental."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -22,10 +22,10 @@ class SplitDigitsConfig:
 @register_scenario("split_digits", config=SplitDigitsConfig,
                    settings=("class_incremental", "task_incremental"))
 def split_digits(cfg, seed: int):
-    """sklearn digits (8x8, 10 classes) split by class into experiences; ships offline."""
+    """scikit-learn's digits (8x8, 10 classes) split by class into experiences; ships offline."""
     import torch
-    from sklearn.datasets import load_digits
 
+    from lethe.scenarios.splits import load_digits
     from lethe.scenarios.streams import (
         class_incremental_stream,
         seeded_class_order,
@@ -33,16 +33,16 @@ def split_digits(cfg, seed: int):
         stratified_split,
     )
 
-    digits = load_digits()
-    x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)  # [N, 1, 8, 8]
-    y = torch.tensor(digits.target, dtype=torch.long)
+    images, target = load_digits()
+    x = torch.tensor(images / 16.0, dtype=torch.float32).unsqueeze(1)  # [N, 1, 8, 8]
+    y = torch.tensor(target, dtype=torch.long)
     ids = torch.arange(len(y))                    # row in load_digits(): stable across runs
-    tr, te = stratified_split(digits.target, cfg.test_fraction, cfg.class_seed)
+    tr, te = stratified_split(target, cfg.test_fraction, cfg.class_seed)
     public = None
     if cfg.public_fraction > 0:
         from lethe.scenarios.types import TestSet
 
-        keep, pub = stratified_split(digits.target[tr], cfg.public_fraction, cfg.class_seed + 1)
+        keep, pub = stratified_split(target[tr], cfg.public_fraction, cfg.class_seed + 1)
         tr, pub = tr[keep], tr[pub]
         public = TestSet(x=x[pub], y=y[pub], exp=torch.zeros(len(pub), dtype=torch.long),
                          task=torch.zeros(len(pub), dtype=torch.long), ids=ids[pub])

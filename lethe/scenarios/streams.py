@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from lethe.errors import ConfigError
+from lethe.scenarios.splits import stratified_split  # noqa: F401 - the scenarios' import path
 from lethe.scenarios.types import LEARN, Experience, Stream, TestSet
 
 
@@ -84,9 +85,3 @@ def class_incremental_stream(train, test, groups: list[list[int]], *, task_label
                   class_order=[c for g in groups for c in g], train=pool)
 
 
-def stratified_split(y: np.ndarray, test_fraction: float, seed: int):
-    """Indices (train, test) with the same class proportions, seeded."""
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(len(y))
-    return train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=y)

@@ -96,6 +96,7 @@ def dataset_folder(cfg) -> str:
     """The TOFU folder: scenario.path, or a generated set (written once, then reused)."""
     import hashlib
     import os
+    import shutil
 
     if cfg.path:
         folder = os.path.expanduser(cfg.path)
@@ -109,13 +110,16 @@ def dataset_folder(cfg) -> str:
     digest = hashlib.sha1((spec + open(tofu_synthetic.__file__).read()).encode()).hexdigest()[:10]
     folder = os.path.join(os.path.expanduser(cfg.cache_dir), digest)
     if not os.path.exists(os.path.join(folder, "memorised.json")):
+        tmp = f"{folder}.tmp{os.getpid()}"   # one per process: ranks may generate at once
         try:
-            tofu_synthetic.generate(folder + ".tmp", cfg.authors, cfg.forget_percent,
+            tofu_synthetic.generate(tmp, cfg.authors, cfg.forget_percent,
                                     cfg.unseen_authors, seed=cfg.generator_seed)
         except ValueError as exc:
             raise ConfigError(f"scenario: {exc}") from None
         if not os.path.exists(folder):   # another process may have written it meanwhile
-            os.replace(folder + ".tmp", folder)
+            os.replace(tmp, folder)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     expected = f"forget{cfg.forget_percent:02d}"
     if cfg.forget_split != expected:
         raise ConfigError(f"scenario.forget_split: the generated set has '{expected}' "
