@@ -11,7 +11,6 @@ identical predictions.
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import time
@@ -282,13 +281,12 @@ def test_a_method_that_cannot_train_distributed_is_refused_at_config_time(tmp_pa
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_a_language_model_unlearning_run_with_two_processes_matches_one(tmp_path, strategy):
-    """Gradient ascent on the synthetic TOFU stream, tiny Llama: the learn phase trains
+def test_a_language_model_unlearning_run_with_two_processes_matches_one(tmp_path):
+    """Gradient ascent on the synthetic TOFU stream, tiny Llama, DDP: the learn phase trains
     data-parallel through the template, the unlearning phase runs whole on every rank (its own
-    loop: identical inputs and seeds on every rank; under FSDP its gradients are reduce-
-    scattered, the mean of identical gradients). ddp: every rank holds the model; fsdp: each
-    holds half of every weight (said in run.log), evaluation unsharded. The 2-process run
+    loop: identical inputs and seeds on every rank), every rank holds the model. The same run
+    under FSDP (each rank half of every weight) is checked against one process by
+    tests/test_fsdp.py's validation test, which adds validation to it. The 2-process run
     differs from one process by float reassociation, carried through a few dozen AdamW steps:
     probabilities agree to 1e-3 relative (measured differences are ~1e-6; a mis-sharded batch
     or a double-counted gradient moves them by far more than 1e-3)."""
@@ -296,7 +294,7 @@ def test_a_language_model_unlearning_run_with_two_processes_matches_one(tmp_path
 
     extra = [*small(tmp_path), "model.layers=1", "model.d_model=32", "model.heads=2",
              "scenario.el_n=30", "train.epochs=3", "method.epochs=3", "method.stop_at_target=false",
-             f"distributed.strategy={strategy}", "checkpoint.enabled=false"]
+             "distributed.strategy=ddp", "checkpoint.enabled=false"]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     finals = {}
     # one process first: it writes the generated TOFU folder that two ranks would race to write
@@ -309,12 +307,7 @@ def test_a_language_model_unlearning_run_with_two_processes_matches_one(tmp_path
         finals[name] = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)}
                         for k in ("unlearn/forget_prob", "unlearn/model_utility", "unlearn/forget_ma")}
         log = _artifact_text(client, run.info.run_id, "run.log", tmp_path / name)
-        sharded = re.search(r"FSDP: (\d+) layers sharded over 2 ranks; this rank holds ([\d.]+)%", log)
-        if strategy == "fsdp" and nproc:
-            assert sharded and int(sharded.group(1)) == 1, log[-2000:]   # model.layers=1
-            assert 49.0 <= float(sharded.group(2)) <= 51.0               # half of every weight
-        else:
-            assert sharded is None
+        assert "FSDP:" not in log and "sharded" not in log
     for key, by_step in finals["one"].items():
         assert set(finals["two"][key]) == set(by_step) == {0, 1}, key
         for step, value in by_step.items():
