@@ -27,7 +27,8 @@ Cases: ``mlp`` (64-256-10 on 5-experience split digits, Adam 1e-3, batch 32, epo
 for ~200 steps) and ``cnn`` (lethe's ``simple_cnn`` on random 3x32x32 images, 5 experiences,
 batch 64, 50 steps). ``startup``: wall time of a ``lethe run split_digits train.epochs=1``
 subprocess (temporary SQLite store and checkpoint dir) minus its logged ``time/train_s`` +
-``time/eval_s``, next to ``python -c "import torch, avalanche"`` in a fresh subprocess (median
+``time/eval_s``, next to ``python -c "import torch, avalanche"`` in a fresh subprocess, and
+the same ending by ``os._exit`` as ``lethe`` ends, skipping the interpreter's teardown (median
 of 3 each). ``quality``: final average accuracy (acc/avg_seen) of naive / replay / EWC / LwF on
 5-experience split digits (the preset's 8 epochs), lethe's ``run_experiment`` on the
 ``split_digits`` preset vs Avalanche's own strategies with the same hyperparameters and the
@@ -321,25 +322,29 @@ def lethe_run_startup(args, device) -> tuple[float, float]:
     return wall, wall - inside
 
 
-def import_time(threads: int) -> float:
+def import_time(threads: int, teardown: bool = True) -> float:
+    """``python -c "import torch, avalanche"``; without ``teardown``, ending by ``os._exit``."""
+    code = "import torch, avalanche" + ("" if teardown else "; import os; os._exit(0)")
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch, avalanche"], env=_child_env(threads),
-                   check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", code], env=_child_env(threads), check=True,
+                   capture_output=True)
     return time.perf_counter() - t0
 
 
 def startup(args, device) -> float:
-    walls, starts, imports = [], [], []
-    for _ in range(3):       # interleaved: the same load for both
+    walls, starts, imports, bare = [], [], [], []
+    for _ in range(3):       # interleaved: the same load for all
         wall, start = lethe_run_startup(args, device)
         walls.append(wall), starts.append(start), imports.append(import_time(args.threads))
-    s, i = statistics.median(starts), statistics.median(imports)
-    print(f"\n[startup] `lethe run split_digits train.epochs=1`: wall "
-          f"{statistics.median(walls):.2f} s, of which outside time/train_s + time/eval_s: "
-          f"{s:.2f} s (runs: "
-          + ", ".join(f"{v:.2f}" for v in starts) + ")")
-    print(f"[startup] `python -c \"import torch, avalanche\"`: {i:.2f} s (runs: "
-          + ", ".join(f"{v:.2f}" for v in imports) + f"); start-up over imports: {s - i:.2f} s")
+        bare.append(import_time(args.threads, teardown=False))
+    s, i, b = statistics.median(starts), statistics.median(imports), statistics.median(bare)
+    runs = lambda vs: ", ".join(f"{v:.2f}" for v in vs)  # noqa: E731
+    print(f"\n[startup] `lethe run split_digits train.epochs=1`: wall {statistics.median(walls):.2f} "
+          f"s, of which outside time/train_s + time/eval_s: {s:.2f} s (runs: {runs(starts)})")
+    print(f"[startup] `python -c \"import torch, avalanche\"`: {i:.2f} s (runs: {runs(imports)}); "
+          f"start-up over imports: {s - i:.2f} s")
+    print(f"[startup] the same ending by os._exit (no teardown, as `lethe` ends): {b:.2f} s "
+          f"(runs: {runs(bare)}); start-up over them: {s - b:.2f} s")
     return s - i
 
 
@@ -431,9 +436,7 @@ def verdict(ours: float | None, theirs: float | None, n_test: int) -> str:
 
 
 def quality(args, device) -> None:
-    def show(v):
-        return "diverged" if v is None else f"{v:.4f}"
-
+    show = lambda v: "diverged" if v is None else f"{v:.4f}"  # noqa: E731
     print(f"\n[quality] final acc/avg_seen, 5-experience split digits, preset split_digits "
           f"(MLP 64-128-128-10, SGD lr 0.05 momentum 0.9, batch 32, replay mem 200), "
           f"{args.quality_epochs} epochs, seed {args.seed}; both sides start from the same "
@@ -463,19 +466,17 @@ def main(argv=None) -> None:
                    help="comma list of mlp, cnn, startup, quality")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("--device cuda: torch.cuda.is_available() is False on this machine")
     device = torch.device(args.device)
     parts = {s.strip() for s in args.parts.split(",") if s.strip()}
 
     import avalanche
-    from tqdm.auto import tqdm
 
-    bar = tqdm(total=1, disable=None)      # what the runner's TrainProgress bars will do
-    bars = "off" if bar.disable else "ON (stderr is a terminal: redirect it to time without)"
-    bar.close()
+    from lethe.engine.plugins import bars_shown   # what the runner's TrainProgress bars do
+
+    bars = "ON (TQDM_DISABLE is not set: set it to time without)" if bars_shown() else "off"
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "-"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"machine: {platform.node()} {platform.machine()} cpus={os.cpu_count()} "

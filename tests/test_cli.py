@@ -86,3 +86,23 @@ def test_sqlite_store_keeps_artifacts_next_to_its_database(tmp_path, monkeypatch
     assert not (work / "mlruns").exists()
     path = tracker.client.download_artifacts(tracker.run_id, "note.txt", str(tmp_path))
     assert open(path).read() == "kept"
+
+
+def test_the_command_exits_with_mains_code_after_every_exit_handler_and_flushed_output(tmp_path):
+    """`lethe` skips the interpreter's teardown (lethe.platform.cli.console): the exit code is
+    main's, output still in Python's buffer arrives in full (stdout to a pipe is block-buffered:
+    200 000 characters leave the tail in the buffer), and an exit handler registered during the
+    run still runs, after which the process ends."""
+    script = (
+        "import atexit, sys\n"
+        "from lethe.platform import cli\n"
+        "def main():\n"
+        "    atexit.register(lambda: print('handler of the run', flush=True))\n"
+        "    sys.stdout.write('x' * 200000)\n"
+        "    return 3\n"
+        "cli.main = main\n"
+        "cli.console()\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "x" * 200000 + "handler of the run\n"

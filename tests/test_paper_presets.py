@@ -190,6 +190,15 @@ def test_lm_presets_carry_the_official_schedules():
     assert raw("paper/grad_diff_tofu_phi15").method.name == "grad_diff"
     c = raw("paper/conpet_dynamic_fewrel")
     assert (c.method.lora_rank, c.method.topk, c.train.grad_clip_norm) == (4, 1, 1.0)
+    for name in LM_PAPER:   # the learn phase: TOFU's fine-tune, one warm-up epoch of 5
+        t = raw(name).train
+        assert (t.batch_size * t.get("grad_accum_steps", 1), t.optimizer, t.weight_decay) == (32, "adamw", 0.01)
+        assert (t.lr_schedule.name, t.lr_schedule.warmup_frac) == ("warmup_linear", 0.2), name
+        assert t.lr == (2e-5 if name.endswith("phi15") else 1e-5), name   # Phi-1.5 2e-5, Llama-2 1e-5
+    for b in ("phi15", "llama2_7b"):   # ReLearn: 2 x 4 accumulated, warm-up epoch, wd 0.01
+        m = raw(f"paper/relearn_tofu_{b}").method
+        assert (m.batch_size, m.grad_accum_steps, m.lr_schedule, m.warmup_epochs, m.weight_decay) == \
+            (2, 4, "warmup_linear", 1, 0.01)
 
 
 def _twin_overrides(tmp, name: str) -> list[str]:

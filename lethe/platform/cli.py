@@ -372,5 +372,31 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_RUN
 
 
+def console() -> None:
+    """The ``lethe`` command: :func:`main`, then an exit without the interpreter's teardown.
+
+    Once every exit handler has run (logging's flush, multiprocessing's joins, the libraries'
+    own clean-ups), what is left of a normal exit is Python destroying the objects of torch,
+    Avalanche and all they import: ≈ 1.5 s on a 2-core machine for nothing a user keeps. The
+    handler that skips it is registered first, so it runs after every other one; an uncaught
+    exception (no exit code) exits the normal way, with its traceback."""
+    import atexit
+
+    code: list[int] = []
+
+    def exit_now() -> None:
+        if code:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):   # a closed pipe (`lethe list | head`)
+                    pass
+            os._exit(code[0])
+
+    atexit.register(exit_now)
+    code.append(int(main() or 0))
+    sys.exit(code[0])
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console()
