@@ -193,6 +193,19 @@ def _kill_all_mid_stream(args: list[str], folder, after: int = 2) -> int:
     returns the checkpoint's next experience."""
     import psutil
 
+    def kill_all(proc):
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for p in family:
+            p.send_signal(signal.SIGKILL)
+        proc.wait()
+        psutil.wait_procs(family, timeout=30)
+
+    return _mid_stream(args, folder, after, kill_all)[0]
+
+
+def _mid_stream(args: list[str], folder, after: int, act):
+    """Start ``lethe args``; once a checkpoint after experience ``after`` exists and the run is
+    not finished, call ``act(proc)``; returns (the checkpoint's next experience, proc)."""
     proc = subprocess.Popen(LETHE + args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.monotonic() + 300
@@ -205,14 +218,37 @@ def _kill_all_mid_stream(args: list[str], folder, after: int = 2) -> int:
                 continue
             if (after <= meta["next_experience"] < meta["n_experiences"]
                     and (meta_path.parent / "state.pt").exists()):
-                family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-                for p in family:
-                    p.send_signal(signal.SIGKILL)
-                proc.wait()
-                psutil.wait_procs(family, timeout=30)
-                return meta["next_experience"]
+                act(proc)
+                return meta["next_experience"], proc
         time.sleep(0.01)
     raise AssertionError(f"no checkpoint after experience {after} appeared")
+
+
+@pytest.mark.integration
+def test_sigterm_on_the_launcher_marks_the_run_killed_and_stops_every_rank(tmp_path):
+    """SIGTERM to the launcher alone (what a scheduler or `kill` sends): torchrun stops the
+    ranks, the launcher marks the run KILLED, says how to resume, exits 130 and leaves no
+    process; the checkpoint written before stays."""
+    import psutil
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["run", "split_digits", "train.epochs=4", f"tracking.uri={uri}", "tracking.experiment=term",
+            f"checkpoint.dir={tmp_path / 'term'}", "--nproc", "2"]
+    ranks = []
+
+    def term(proc):
+        ranks.extend(psutil.Process(proc.pid).children(recursive=True))
+        proc.send_signal(signal.SIGTERM)
+
+    _, proc = _mid_stream(args, tmp_path / "term", 1, term)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    _, run = only_run(uri, "term")
+    assert run.info.status == "KILLED"
+    assert f"MLflow run {run.info.run_id} is marked KILLED" in err and "--resume" in err
+    assert (tmp_path / "term" / run.info.run_id / "state.pt").exists()
+    _, alive = psutil.wait_procs(ranks, timeout=30)
+    assert ranks and not alive, [p.cmdline() for p in alive]
 
 
 @pytest.mark.integration
