@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/lethe run split_digits
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=25
 
 # Bring requirements.lock in line with pyproject.toml (pip-tools, in a throwaway venv so its own
 # dependencies never enter the lock): pins that still fit stay; `make lock UPGRADE=1` moves every
