@@ -43,22 +43,15 @@ class UpdateConfig:
     lora_dropout: float = 0.0     # dropout on the adapters' input
 
 
-def lora_targets(model) -> list[str]:
-    """Names of the layers that get a LoRA adapter: every nn.Linear and nn.Conv2d."""
-    from torch import nn
-
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-
-
 def lora_config(model, cfg):
-    """peft LoraConfig on :func:`lora_targets` with the method's rank / alpha / dropout."""
+    """peft LoraConfig on every nn.Linear / nn.Conv2d with the method's rank / alpha / dropout."""
     import re
 
     from peft import LoraConfig
 
-    names = lora_targets(model)
-    if not names:
-        raise RunError("the model has no nn.Linear / nn.Conv2d layer to put a LoRA adapter on")
+    from lethe.models.lora import lora_targets
+
+    names = lora_targets(model, None)   # every nn.Linear / nn.Conv2d, the head's too
     # a regex is matched against whole module names, so '1' cannot also hit 'block.1'
     pattern = "^(" + "|".join(re.escape(n) for n in names) + ")$"
     return LoraConfig(r=int(cfg.rank), lora_alpha=float(cfg.lora_alpha),

@@ -134,7 +134,7 @@ class ConPETDynamic(ConPETBase):
         if self.cfg.topk < 1:
             raise ConfigError("method.topk must be ≥ 1")
         model.requires_grad_(False)
-        targets = lora_targets(model.encoder, "\0", list(self.cfg.target_modules))
+        targets = lora_targets(model.encoder, None, list(self.cfg.target_modules))
         import re
 
         config = LoraConfig(r=int(self.cfg.lora_rank), lora_alpha=float(self.cfg.lora_alpha),

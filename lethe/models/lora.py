@@ -97,14 +97,16 @@ def layer_list(layers: list[str], most: int = 12) -> str:
     return ", ".join(layers[:most]) + (" …" if len(layers) > most else "")
 
 
-def lora_targets(model, head: str, names: list | None = None) -> list[str]:
-    """Module names that get adapters, in module (forward) order."""
+def lora_targets(model, head: str | None, names: list | None = None) -> list[str]:
+    """Module names that get adapters, in module (forward) order: every Linear / Conv2d but
+    the ``head`` module's (None: the head's too)."""
     from torch import nn
 
-    layers = [n for n, m in model.named_modules()
-              if isinstance(m, (nn.Linear, nn.Conv2d)) and n != head and not n.startswith(head + ".")]
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+              and (head is None or (n != head and not n.startswith(head + ".")))]
+    besides = "" if head is None else " besides the head"
     return _chosen(layers, names, ConfigError, "Linear/Conv2d", "method.lora.target_modules: ",
-                   "model: no Linear/Conv2d layer besides the head to put LoRA adapters on")
+                   f"model: no Linear/Conv2d layer{besides} to put LoRA adapters on")
 
 
 def _chosen(layers: list[str], names, error: type, kinds: str, key: str, empty: str) -> list[str]:
